@@ -1,0 +1,40 @@
+# sslab: `make train` and `make test` each install what they need first.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install install-data install-bench train test test-fast bench lint format
+
+install: install-data
+	$(PIP) install -q -e ".[dev]"
+
+# Debian's full Fashion-MNIST (60k/10k); optional: without apt or root the embedded 10k/2k subset is used.
+install-data:
+	@if [ -d /usr/share/datasets/fashion-mnist ]; then :; \
+	elif command -v apt-get >/dev/null && { [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null; }; then \
+	  ($(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null) \
+	  || echo "note: could not install dataset-fashion-mnist; using the embedded subset"; \
+	else echo "note: no apt/root; using the embedded Fashion-MNIST subset"; fi
+
+install-bench: install
+	$(PIP) install -q -e ".[dev,bench]"
+
+train: install
+	$(PYTHON) train.py
+
+test: install
+	$(PYTHON) -m pytest -q
+
+test-fast: install
+	$(PYTHON) -m pytest -q -m "not slow"
+
+bench: install-bench
+	$(PYTHON) bench/dino_step.py
+	$(PYTHON) bench/knn_eval.py
+	$(PYTHON) bench/views.py
+
+lint:
+	ruff check . && ruff format --check .
+
+format:
+	ruff check --fix . && ruff format .

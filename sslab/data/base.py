@@ -1,0 +1,117 @@
+"""Shared DataModule behaviour: a resumable training order and class-balanced evaluation splits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from sslab.data.sampling import EpochShuffleSampler
+
+
+def balanced_subset(labels: np.ndarray, size: int | None, seed: int) -> np.ndarray:
+    """Indices of a class-balanced random subset of ``size`` items (all items when ``size`` is None or too big)."""
+    n = len(labels)
+    if size is None or size >= n:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    per_class = size // len(classes)
+    picks = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in classes]
+    return np.sort(np.concatenate(picks))
+
+
+class SSLDataModule(pl.LightningDataModule):
+    """Base for every dataset: subclasses fill ``train_set``, ``bank_set`` (k-NN bank / probe training) and
+    ``test_set`` in ``setup``, each yielding {"image": uint8 (C,H,W), "label": int64, "index": int64}."""
+
+    provides: tuple[str, ...] = ("image", "label", "index")
+
+    def __init__(
+        self,
+        name: str,
+        image_size: int,
+        local_crop_size: int,
+        patch_size: int,
+        channels: int,
+        mean: list[float],
+        std: list[float],
+        batch_size: int = 128,
+        eval_batch_size: int = 512,
+        num_workers: int = 0,
+        eval_bank_size: int | None = None,
+        eval_test_size: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.image_size = image_size
+        self.local_crop_size = local_crop_size
+        self.patch_size = patch_size
+        self.channels = channels
+        self.mean = list(mean)
+        self.std = list(std)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.eval_bank_size = eval_bank_size
+        self.eval_test_size = eval_test_size
+        self.seed = seed
+        self.train_set: Dataset | None = None
+        self.bank_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+        self.class_names: list[str] = []
+        self._sampler: EpochShuffleSampler | None = None
+        self._resume: tuple[int, int] | None = None
+
+    # -- subclasses ---------------------------------------------------------------------------------
+    def load_splits(self) -> tuple[Dataset, np.ndarray, Dataset, np.ndarray]:
+        """Return (train dataset, train labels, test dataset, test labels)."""
+        raise NotImplementedError
+
+    # -- Lightning ----------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train, train_labels, test, test_labels = self.load_splits()
+        self.train_set = train
+        self.bank_set = Subset(train, balanced_subset(train_labels, self.eval_bank_size, self.seed).tolist())
+        self.test_set = Subset(
+            test, balanced_subset(test_labels, self.eval_test_size, self.seed + 1).tolist()
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        self._sampler = EpochShuffleSampler(len(self.train_set), self.batch_size, self.seed)
+        if self._resume is not None:
+            self._sampler.resume_at(*self._resume)
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            sampler=self._sampler,
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def eval_dataloaders(self) -> tuple[DataLoader, DataLoader]:
+        """(bank, test) loaders in a fixed order, for k-NN and linear-probe evaluation."""
+        self.setup()
+        kw = dict(batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers)
+        return DataLoader(self.bank_set, **kw), DataLoader(self.test_set, **kw)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where in the epoch a checkpoint was taken, so a resumed run skips the batches already trained on."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": trainer.current_epoch, "batches_done": progress.processed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            self._resume = (state["epoch"], state["batches_done"])

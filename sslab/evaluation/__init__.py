@@ -1,0 +1,1 @@
+"""Evaluation on frozen features, shared by the training callbacks and eval.py."""

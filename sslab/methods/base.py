@@ -1,0 +1,204 @@
+"""What every method shares: the backbone, the view pipeline, optimisation, per-step schedules and ``embed``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from sslab.augment import eval_view
+from sslab.backbones import Backbone
+from sslab.errors import SSLabError
+from sslab.modules.schedules import CosineSchedule, LinearWarmupSchedule
+
+SCHEDULE_TYPES = {"CosineSchedule": CosineSchedule, "LinearWarmupSchedule": LinearWarmupSchedule}
+NO_DECAY_NAMES = ("cls_token", "pos_embed", "reg_token", "mask_token")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a method needs to know about its data: sizes for the crops and normalisation statistics."""
+
+    image_size: int
+    local_crop_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_classes: int = 0
+
+
+class NonFiniteLossError(SSLabError):
+    pass
+
+
+class SSLMethod(pl.LightningModule):
+    """Base LightningModule. A subclass implements ``make_views``, ``step`` and ``embed`` and may add schedules.
+
+    Optimisation follows the DINO/MAE recipes: AdamW over two parameter groups (no weight decay on
+    biases, norms and tokens), lr = ``base_lr`` x global batch / 256 with linear warm-up then cosine decay,
+    and an optional cosine weight-decay schedule. Schedules are plain objects of the global step, set by
+    hand each step, and stored in checkpoints so that a resumed run continues them exactly.
+    """
+
+    requires_masking: bool = False
+    required_keys: tuple[str, ...] = ("image",)
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        data: DataSpec,
+        base_lr: float = 5e-4,
+        min_lr: float = 1e-6,
+        warmup_epochs: float = 10,
+        weight_decay: float = 0.04,
+        weight_decay_end: float | None = None,
+        betas: tuple[float, float] = (0.9, 0.999),
+        grad_clip: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.data = data
+        self.base_lr, self.min_lr, self.warmup_epochs = base_lr, min_lr, warmup_epochs
+        self.weight_decay = weight_decay
+        self.weight_decay_end = weight_decay if weight_decay_end is None else weight_decay_end
+        self.betas = tuple(betas)
+        self.grad_clip = grad_clip
+        self.seed = seed
+        self.views = self.make_views()
+        self.schedules: dict[str, Any] = {}
+        self.steps_per_epoch = 1
+        self.trained_step = 0
+        self.sslab_config: dict | None = None  # the resolved run config, stored in checkpoints
+
+    # -- what a method provides --------------------------------------------------------------------
+    def make_views(self) -> nn.Module:
+        raise NotImplementedError
+
+    def step(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Forward + loss for one batch whose ``views`` are ready; returns {"loss", "features", "logs"}."""
+        raise NotImplementedError
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, D) features of normalised float images, for evaluation."""
+        raise NotImplementedError
+
+    def extra_schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, Any]:
+        return {}
+
+    def trainable_modules(self) -> list[nn.Module]:
+        return [self.backbone]
+
+    # -- evaluation ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def embed_uint8(self, images: torch.Tensor) -> torch.Tensor:
+        """Features of raw uint8 images through the deterministic evaluation view, in eval mode."""
+        was_training = self.training
+        self.eval()
+        try:
+            x = eval_view(images.to(self.device), self.data.image_size, self.data.mean, self.data.std)
+            return self.embed(x).float()
+        finally:
+            self.train(was_training)
+
+    # -- batch flow ----------------------------------------------------------------------------------
+    def step_seed(self, step: int) -> int:
+        """Every random draw of a training step comes from a seed fixed by (seed, step, rank)."""
+        return (self.seed * 1_000_003 + step * 1009 + self.global_rank) % (2**63 - 1)
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        if self.trainer is not None and self.trainer.training:
+            torch.manual_seed(self.step_seed(self.global_step))
+            batch["views"] = self.views(batch["image"])
+        return batch
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        self.trained_step = self.global_step  # schedules index the step being trained, also after it
+        out = self.step(batch)
+        loss = out["loss"]
+        if not torch.isfinite(loss.detach()).item():
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at step {self.global_step}; the run stopped before applying it and the "
+                "last checkpoint is kept. Lower method.base_lr or set method.grad_clip, then resume=auto"
+            )
+        self.log("train/loss", loss.detach(), prog_bar=True)
+        logs = {f"train/{k}": v for k, v in out.get("logs", {}).items()}
+        logs.update({f"train/{k}": s(self.global_step) for k, s in self.schedules.items()})
+        self.log_dict(logs)
+        return {"loss": loss, "features": out["features"].detach()}
+
+    # -- optimisation --------------------------------------------------------------------------------
+    def param_groups(self) -> list[dict[str, Any]]:
+        decay, no_decay = [], []
+        for module in self.trainable_modules():
+            for name, p in module.named_parameters():
+                if not p.requires_grad:
+                    continue
+                is_token = name.split(".")[-1] in NO_DECAY_NAMES
+                (no_decay if p.ndim <= 1 or is_token else decay).append(p)
+        return [
+            {"params": decay, "apply_wd": True},
+            {"params": no_decay, "apply_wd": False, "weight_decay": 0.0},
+        ]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        trainer = self.trainer
+        dm = trainer.datamodule
+        world = trainer.world_size
+        global_batch = dm.batch_size * world * trainer.accumulate_grad_batches
+        self.steps_per_epoch = max(
+            1, len(dm.train_set) // (dm.batch_size * world) // trainer.accumulate_grad_batches
+        )
+        total = int(trainer.estimated_stepping_batches)
+        if not self.schedules:  # a resumed run already restored them from the checkpoint
+            warmup = int(self.warmup_epochs * self.steps_per_epoch)
+            self.schedules = {
+                "lr": CosineSchedule(self.base_lr * global_batch / 256, self.min_lr, total, warmup),
+                "wd": CosineSchedule(self.weight_decay, self.weight_decay_end, total),
+                **self.extra_schedules(total, self.steps_per_epoch),
+            }
+        fused = torch.cuda.is_available() and self.device.type == "cuda"
+        return torch.optim.AdamW(
+            self.param_groups(), lr=self.schedules["lr"](0), betas=self.betas, fused=fused
+        )
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        step = self.global_step
+        lr, wd = self.schedules["lr"](step), self.schedules["wd"](step)
+        for opt in self.trainer.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr
+                if group.get("apply_wd"):
+                    group["weight_decay"] = wd
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.grad_clip:
+            clip_per_tensor_(self.parameters(), self.grad_clip)
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["sslab_schedules"] = {
+            k: (type(s).__name__, s.state_dict()) for k, s in self.schedules.items()
+        }
+        checkpoint["sslab_steps_per_epoch"] = self.steps_per_epoch
+        if self.sslab_config is not None:
+            checkpoint["sslab_config"] = self.sslab_config
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("sslab_schedules", {})
+        self.schedules = {k: SCHEDULE_TYPES[t](**state) for k, (t, state) in saved.items()}
+        self.steps_per_epoch = checkpoint.get("sslab_steps_per_epoch", self.steps_per_epoch)
+
+
+@torch.no_grad()
+def clip_per_tensor_(params, max_norm: float) -> None:
+    """Scale each gradient tensor to L2 norm <= ``max_norm`` on its own, as DINO's ``clip_gradients`` does
+    (unlike torch's global-norm clipping)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    norms = torch._foreach_norm(grads)
+    scales = [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms]
+    torch._foreach_mul_(grads, scales)

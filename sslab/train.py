@@ -1,0 +1,127 @@
+"""The training run behind ``python train.py``: build, fit, evaluate, report."""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
+
+from sslab.build import build_datamodule, build_method
+from sslab.checkpoint_io import AtomicCheckpointIO
+from sslab.evaluation.features import extract, raw_pixels
+from sslab.evaluation.knn import knn_accuracy
+from sslab.report import print_json_line, print_table
+from sslab.resume import find_resume_checkpoint
+
+# Warnings about our intended design (views made in on_after_batch_transfer) or about library internals.
+for _message in (r".*overridden `on_after_batch_transfer`.*", r".*isinstance\(treespec, LeafSpec\).*"):
+    warnings.filterwarnings("ignore", message=_message)
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path(cfg.paths.output_dir)
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
+    loggers = [instantiate(c, save_dir=run_dir) for c in (cfg.get("logger") or {}).values()]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    if not cfg.trainer.get(
+        "enable_progress_bar", True
+    ):  # trainer.enable_progress_bar=false wins over the bar
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    callbacks.append(
+        ModelCheckpoint(
+            dirpath=run_dir / "checkpoints",
+            filename="step{step:06d}",
+            auto_insert_metric_name=False,
+            save_last=True,
+            every_n_train_steps=cfg.checkpoint.every_n_steps or None,
+            save_top_k=cfg.checkpoint.save_top_k,
+            save_on_train_epoch_end=True,
+        )
+    )
+    trainer_kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)
+    return pl.Trainer(
+        **trainer_kwargs,
+        logger=loggers or False,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=str(run_dir),
+    )
+
+
+def baseline_knn(cfg: DictConfig, dm, k: int, temperature: float) -> dict[str, float]:
+    """k-NN top-1 of the same architecture at random init and of raw pixels, on the same splits."""
+    torch.manual_seed(cfg.seed)
+    random_model = build_method(cfg, dm)
+    bank_loader, test_loader = dm.eval_dataloaders()
+    out = {}
+    bank, bank_y = extract(random_model.embed_uint8, bank_loader)
+    test, test_y = extract(random_model.embed_uint8, test_loader)
+    out["random_init"] = knn_accuracy(bank, bank_y, test, test_y, k, temperature)
+    bank, bank_y = extract(raw_pixels, bank_loader)
+    test, test_y = extract(raw_pixels, test_loader)
+    out["raw_pixels"] = knn_accuracy(bank, bank_y, test, test_y, k, temperature)
+    return out
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    torch.set_float32_matmul_precision("high")
+    dm = build_datamodule(cfg)
+    model = build_method(cfg, dm)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    model.sslab_config = resolved
+    ckpt = find_resume_checkpoint(cfg.resume, cfg.paths.output_dir, run_dir)
+    trainer = build_trainer(cfg, run_dir)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(resolved)
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
+    elapsed = time.perf_counter() - start
+
+    metrics: dict[str, Any] = dict(getattr(model, "eval_results", {}))
+    metrics.update(
+        {"train_time_s": round(elapsed, 1), "global_step": trainer.global_step, "run_dir": str(run_dir)}
+    )
+    if ckpt:
+        metrics["resumed_from"] = str(ckpt)
+    knn_cfg = (cfg.get("callbacks") or {}).get("knn") or {"k": 20, "temperature": 0.07}
+    if cfg.final_eval.baselines and trainer.is_global_zero:
+        base = baseline_knn(cfg, dm, knn_cfg["k"], knn_cfg["temperature"])
+        metrics.update({f"baseline/{k}_knn_top1": v for k, v in base.items()})
+    if trainer.is_global_zero:
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        rows = {
+            f"{cfg.method.name} {cfg.backbone.name} (trained)": {
+                "k-NN top-1": metrics.get("eval/knn_top1"),
+                "linear top-1": metrics.get("eval/linear_top1"),
+            }
+        }
+        if "baseline/random_init_knn_top1" in metrics:
+            rows[f"{cfg.backbone.name} (random init)"] = {
+                "k-NN top-1": metrics["baseline/random_init_knn_top1"]
+            }
+            rows["raw pixels"] = {"k-NN top-1": metrics["baseline/raw_pixels_knn_top1"]}
+        n_test = len(dm.test_set)
+        print_table(
+            f"{dm.name} test set ({n_test} images), {trainer.global_step} steps in {elapsed:.0f} s",
+            rows,
+            ["k-NN top-1", "linear top-1"],
+        )
+        print(f"run directory: {run_dir}")
+        print_json_line(metrics)
+    return metrics
