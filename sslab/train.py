@@ -14,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
+from pytorch_lightning.loggers import WandbLogger
 
 from sslab.build import build_datamodule, build_method
 from sslab.checkpoint_io import AtomicCheckpointIO
@@ -61,6 +62,12 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
     )
 
 
+def backbone_label(backbone_cfg: DictConfig) -> str:
+    """``vit_t`` or, when the depth is overridden (the CPU default), ``vit_t (6 blocks)``."""
+    depth = backbone_cfg.get("depth")
+    return f"{backbone_cfg.name} ({depth} blocks)" if depth else str(backbone_cfg.name)
+
+
 def baseline_knn(cfg: DictConfig, dm, k: int, temperature: float) -> dict[str, float]:
     """k-NN top-1 of the same architecture at random init and of raw pixels, on the same splits."""
     torch.manual_seed(cfg.seed)
@@ -92,6 +99,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
     elapsed = time.perf_counter() - start
+    for logger in trainer.loggers:  # close W&B runs so the offline run file is complete on disk
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()
 
     metrics: dict[str, Any] = dict(getattr(model, "eval_results", {}))
     metrics.update(
@@ -106,13 +116,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         rows = {
-            f"{cfg.method.name} {cfg.backbone.name} (trained)": {
+            f"{cfg.method.name} {backbone_label(cfg.backbone)} (trained)": {
                 "k-NN top-1": metrics.get("eval/knn_top1"),
                 "linear top-1": metrics.get("eval/linear_top1"),
             }
         }
         if "baseline/random_init_knn_top1" in metrics:
-            rows[f"{cfg.backbone.name} (random init)"] = {
+            rows[f"{backbone_label(cfg.backbone)} (random init)"] = {
                 "k-NN top-1": metrics["baseline/random_init_knn_top1"]
             }
             rows["raw pixels"] = {"k-NN top-1": metrics["baseline/raw_pixels_knn_top1"]}

@@ -15,8 +15,8 @@ class CNNBackbone(Backbone):
     """Global-average-pooled features as "cls" and the last feature map as "patch" tokens.
 
     For inputs smaller than 64 px the stem is replaced as is usual for CIFAR-sized images (a 3x3
-    stride-1 convolution without max-pool for ResNets, as in SimCLR's CIFAR variant; a 2x2 stride-2
-    patchify stem for ConvNeXt), so that a 28 px image still reaches the last stage with spatial extent.
+    stride-1 convolution without max-pool for ResNets, as in SimCLR's CIFAR variant; a 3x3 stride-1
+    stem for ConvNeXt), so that a 28 px image still reaches the last stage with spatial extent.
     """
 
     num_prefix_tokens = 0
@@ -58,6 +58,6 @@ def _small_input_stem(net: nn.Module, in_chans: int) -> None:
         net.maxpool = nn.Identity()
     elif hasattr(net, "stem"):  # timm ConvNeXt: stem = [Conv2d(k=4, s=4), LayerNorm2d]
         conv = net.stem[0]
-        net.stem[0] = nn.Conv2d(in_chans, conv.out_channels, kernel_size=2, stride=2)
+        net.stem[0] = nn.Conv2d(in_chans, conv.out_channels, kernel_size=3, stride=1, padding=1)
     else:
         raise ValueError(f"no small-input stem rule for {type(net).__name__}")

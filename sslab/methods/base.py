@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,7 @@ from sslab.backbones import Backbone
 from sslab.errors import SSLabError
 from sslab.modules.schedules import CosineSchedule, LinearWarmupSchedule
 
+log = logging.getLogger(__name__)
 SCHEDULE_TYPES = {"CosineSchedule": CosineSchedule, "LinearWarmupSchedule": LinearWarmupSchedule}
 NO_DECAY_NAMES = ("cls_token", "pos_embed", "reg_token", "mask_token")
 
@@ -139,7 +141,7 @@ class SSLMethod(pl.LightningModule):
                 is_token = name.split(".")[-1] in NO_DECAY_NAMES
                 (no_decay if p.ndim <= 1 or is_token else decay).append(p)
         return [
-            {"params": decay, "apply_wd": True},
+            {"params": decay, "apply_wd": True, "weight_decay": self.weight_decay},
             {"params": no_decay, "apply_wd": False, "weight_decay": 0.0},
         ]
 
@@ -152,13 +154,19 @@ class SSLMethod(pl.LightningModule):
             1, len(dm.train_set) // (dm.batch_size * world) // trainer.accumulate_grad_batches
         )
         total = int(trainer.estimated_stepping_batches)
-        if not self.schedules:  # a resumed run already restored them from the checkpoint
-            warmup = int(self.warmup_epochs * self.steps_per_epoch)
-            self.schedules = {
-                "lr": CosineSchedule(self.base_lr * global_batch / 256, self.min_lr, total, warmup),
-                "wd": CosineSchedule(self.weight_decay, self.weight_decay_end, total),
-                **self.extra_schedules(total, self.steps_per_epoch),
-            }
+        warmup = int(self.warmup_epochs * self.steps_per_epoch)
+        configured = {
+            "lr": CosineSchedule(self.base_lr * global_batch / 256, self.min_lr, total, warmup),
+            "wd": CosineSchedule(self.weight_decay, self.weight_decay_end, total),
+            **self.extra_schedules(total, self.steps_per_epoch),
+        }
+        if not self.schedules:
+            self.schedules = configured
+        elif self.schedules != configured:  # resumed: the checkpoint's schedules win, so the run stays exact
+            changed = sorted(k for k in configured if configured[k] != self.schedules.get(k))
+            log.warning(
+                "resumed run keeps the checkpoint's %s schedules; start a new run to change them", changed
+            )
         fused = torch.cuda.is_available() and self.device.type == "cuda"
         return torch.optim.AdamW(
             self.param_groups(), lr=self.schedules["lr"](0), betas=self.betas, fused=fused

@@ -51,7 +51,12 @@ class DINO(SSLMethod):
         self.view_cfg = dict(views or {})
         super().__init__(*args, **kwargs)
         self.head = DINOHead(
-            self.backbone.embed_dim, out_dim, hidden_dim, bottleneck_dim, norm_last_layer=norm_last_layer, use_bn=use_bn_in_head
+            self.backbone.embed_dim,
+            out_dim,
+            hidden_dim,
+            bottleneck_dim,
+            norm_last_layer=norm_last_layer,
+            use_bn=use_bn_in_head,
         )
         self.teacher_backbone = copy.deepcopy(self.backbone)
         self.teacher_head = copy.deepcopy(self.head)

@@ -1,0 +1,212 @@
+"""k-NN evaluation time: sslab's FAISS-based ``knn_accuracy`` against scikit-learn's ``KNeighborsClassifier``.
+
+Both sides compute the same thing from the same float32 features: L2-normalise bank and queries, find each
+query's k nearest bank items by cosine similarity (exact, brute force), let each neighbour vote for its label
+with weight exp(similarity / T), and report top-1 accuracy.
+
+- **sslab**: ``sslab.evaluation.knn.knn_accuracy`` (FAISS ``IndexFlatIP`` search, vote in torch).
+- **scikit-learn**: ``KNeighborsClassifier(algorithm="brute", metric="euclidean", weights=callable)`` on the
+  L2-normalised features. On unit vectors Euclidean distance d and cosine similarity s give the same
+  neighbours (d^2 = 2 - 2s), and the weight callable turns d back into exp(s / T). Euclidean is scikit-learn's
+  fastest exact path (GEMM-based pairwise-distance reduction); ``--sklearn-metric cosine`` is also offered.
+
+Why the comparison is fair: the same features, k and T on both sides; each side's time covers everything
+from the raw features to the accuracy (normalisation, index build or fit, search, vote); both run with the
+same number of threads (FAISS's OpenMP, scikit-learn's OpenMP/BLAS via threadpoolctl, torch); warm-up calls
+on a slice of the queries come first, then the timed calls alternate between the two sides and the median
+is reported. The script also checks that both accuracies agree within 0.5 points (exit status 1 if not).
+
+Features: by default synthetic, seeded and clustered (10 class means plus Gaussian noise), sized like a
+ViT-S k-NN evaluation on a 60k-image bank; ``--real`` uses raw Fashion-MNIST pixels (784-d) instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+import torch
+from _common import (
+    add_common_args,
+    environment,
+    median,
+    print_json,
+    print_markdown_table,
+    setup,
+    spread,
+    time_interleaved,
+)
+
+from sslab.evaluation.knn import knn_accuracy
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--bank", type=int, default=60000, help="bank size (synthetic features)")
+    p.add_argument("--queries", type=int, default=10000, help="number of queries (synthetic features)")
+    p.add_argument("--dim", type=int, default=384, help="feature dimension (synthetic features)")
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument(
+        "--noise",
+        type=float,
+        default=6.0,
+        help="per-dimension noise std (class means are N(0, 1)); 6 gives ~77%% top-1",
+    )
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--sklearn-metric", choices=["euclidean", "cosine"], default="euclidean")
+    p.add_argument(
+        "--real", action="store_true", help="raw Fashion-MNIST pixels (the full set when installed)"
+    )
+    p.add_argument("--warmup-queries", type=int, default=500, help="queries used by the warm-up calls")
+    add_common_args(p, warmup=1, reps=3)
+    p.set_defaults(device="cpu")  # FAISS-CPU and scikit-learn: both sides run on the CPU
+    return p.parse_args()
+
+
+def synthetic(args: argparse.Namespace):
+    g = torch.Generator().manual_seed(args.seed)
+    means = torch.randn(args.classes, args.dim, generator=g)
+    bank_y = torch.randint(args.classes, (args.bank,), generator=g)
+    query_y = torch.randint(args.classes, (args.queries,), generator=g)
+    bank = means[bank_y] + args.noise * torch.randn(args.bank, args.dim, generator=g)
+    queries = means[query_y] + args.noise * torch.randn(args.queries, args.dim, generator=g)
+    return bank, bank_y, queries, query_y, f"synthetic clustered features, {args.classes} classes"
+
+
+def fashion_mnist_pixels():
+    from sslab.data.fashion_mnist import full_available, load
+
+    (xtr, ytr), (xte, yte) = load("auto")
+    source = "full 60k/10k" if full_available() else "embedded 10k/2k subset"
+    flat = lambda x: torch.from_numpy(x.reshape(len(x), -1)).float()  # noqa: E731
+    return (
+        flat(xtr),
+        torch.from_numpy(ytr),
+        flat(xte),
+        torch.from_numpy(yte),
+        f"Fashion-MNIST raw pixels, {source}",
+    )
+
+
+def sklearn_accuracy(bank, bank_labels, queries, query_labels, k, temperature, metric, n_jobs) -> float:
+    """Top-1 accuracy in percent of an exp(cos / T)-weighted k-NN vote, in scikit-learn."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    if metric == "euclidean":
+
+        def weights(d: np.ndarray) -> np.ndarray:  # unit vectors: cos = 1 - d^2 / 2
+            return np.exp((1.0 - 0.5 * d * d) / temperature)
+
+    else:
+
+        def weights(d: np.ndarray) -> np.ndarray:  # cosine distance = 1 - cos
+            return np.exp((1.0 - d) / temperature)
+
+    clf = KNeighborsClassifier(
+        n_neighbors=k, weights=weights, algorithm="brute", metric=metric, n_jobs=n_jobs
+    )
+    clf.fit(unit(bank), bank_labels)
+    pred = clf.predict(unit(queries))
+    return 100.0 * float(np.mean(pred == query_labels))
+
+
+def main() -> None:
+    args = parse_args()
+    if args.device != "cpu":
+        print(
+            f"note: both sides run on the CPU (FAISS CPU build, scikit-learn); --device {args.device} ignored"
+        )
+        args.device = "cpu"
+    setup(args)
+    import faiss
+    from threadpoolctl import threadpool_limits
+
+    faiss.omp_set_num_threads(args.threads)
+    bank, bank_y, queries, query_y, what = fashion_mnist_pixels() if args.real else synthetic(args)
+    bank_np, bank_y_np = bank.numpy(), bank_y.numpy()
+    queries_np, query_y_np = queries.numpy(), query_y.numpy()
+    k, t = args.k, args.temperature
+    accs: dict[str, float] = {}
+
+    def ours(n: int | None = None) -> None:
+        accs["sslab"] = knn_accuracy(bank, bank_y, queries[:n], query_y[:n], k=k, temperature=t)
+
+    def theirs(n: int | None = None) -> None:
+        accs["sklearn"] = sklearn_accuracy(
+            bank_np, bank_y_np, queries_np[:n], query_y_np[:n], k, t, args.sklearn_metric, args.threads
+        )
+
+    with threadpool_limits(limits=args.threads):
+        for _ in range(args.warmup):
+            ours(args.warmup_queries)
+            theirs(args.warmup_queries)
+        times = time_interleaved(
+            {"sslab (FAISS)": ours, "scikit-learn": theirs}, 0, args.reps, torch.device("cpu")
+        )
+    sec = {name: median(v) for name, v in times.items()}
+    speedup = sec["scikit-learn"] / sec["sslab (FAISS)"]
+    diff = abs(accs["sslab"] - accs["sklearn"])
+    agree = diff <= 0.5
+
+    print(
+        f"\nk-NN evaluation (k={k}, T={t}), {what}: bank {bank.shape[0]} x {bank.shape[1]}, "
+        f"{queries.shape[0]} queries, torch threads: {args.threads}, median of {args.reps} runs\n"
+    )
+    print_markdown_table(
+        ["implementation", "seconds", "min-max s", "queries / s", "top-1 (%)", "sslab speed-up"],
+        [
+            [
+                "sslab (FAISS)",
+                sec["sslab (FAISS)"],
+                spread(times["sslab (FAISS)"]),
+                queries.shape[0] / sec["sslab (FAISS)"],
+                accs["sslab"],
+                f"{speedup:.2f}x",
+            ],
+            [
+                f"scikit-learn ({args.sklearn_metric}, brute)",
+                sec["scikit-learn"],
+                spread(times["scikit-learn"]),
+                queries.shape[0] / sec["scikit-learn"],
+                accs["sklearn"],
+                "",
+            ],
+        ],
+    )
+    print(
+        f"\naccuracies {'agree' if agree else 'DIFFER'}: |{accs['sslab']:.2f} - {accs['sklearn']:.2f}| = {diff:.2f} points\n"
+    )
+    import sklearn
+
+    print_json(
+        {
+            "bench": "knn_eval",
+            "features": "fashion_mnist_pixels" if args.real else "synthetic",
+            "bank": int(bank.shape[0]),
+            "queries": int(queries.shape[0]),
+            "dim": int(bank.shape[1]),
+            "k": k,
+            "temperature": t,
+            "seconds_sslab": round(sec["sslab (FAISS)"], 4),
+            "seconds_sklearn": round(sec["scikit-learn"], 4),
+            "speedup": round(speedup, 3),
+            "top1_sslab": round(accs["sslab"], 3),
+            "top1_sklearn": round(accs["sklearn"], 3),
+            "accuracy_agrees": agree,
+            "sklearn_metric": args.sklearn_metric,
+            "faiss": faiss.__version__,
+            "sklearn": sklearn.__version__,
+            **environment(args),
+        }
+    )
+    if not agree:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Reusable nn pieces with no Lightning in them: heads, losses, EMA, schedules."""
