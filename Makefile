@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install install-data install-bench train test test-fast bench lint format
+.PHONY: install install-data install-slurm install-bench train test test-fast bench lint format
 
 install: install-data
 	$(PIP) install -q -e ".[dev]"
@@ -16,13 +16,23 @@ install-data:
 	  || echo "note: could not install dataset-fashion-mnist; using the embedded subset"; \
 	else echo "note: no apt/root; using the embedded Fashion-MNIST subset"; fi
 
+# Debian's SLURM (slurmctld, slurmd, slurmdbd, munge, MariaDB) for the `slurm` tests, which start a real
+# two-node cluster on loopback; optional: without apt or root those tests skip and say why.
+SLURM_PKGS := slurmctld slurmd slurm-client munge slurmdbd mariadb-server
+install-slurm:
+	@if command -v slurmctld >/dev/null && command -v slurmdbd >/dev/null && command -v mariadbd >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(SLURM_PKGS) >/dev/null) \
+	  || echo "note: could not install the SLURM packages; the slurm tests will skip"; \
+	else echo "note: no apt or not root; the slurm tests will skip"; fi
+
 install-bench: install
 	$(PIP) install -q -e ".[dev,bench]"
 
 train: install
 	$(PYTHON) train.py
 
-test: install
+test: install install-slurm
 	$(PYTHON) -m pytest -q
 
 test-fast: install
@@ -32,6 +42,7 @@ bench: install-bench
 	$(PYTHON) bench/dino_step.py
 	$(PYTHON) bench/knn_eval.py
 	$(PYTHON) bench/views.py
+	$(PYTHON) bench/ddp_scaling.py
 
 lint:
 	ruff check . && ruff format --check .

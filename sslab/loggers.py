@@ -5,6 +5,7 @@ from __future__ import annotations
 import netrc
 import os
 from pathlib import Path
+from typing import Any
 
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
@@ -23,6 +24,23 @@ def wandb_mode() -> str:
     return "offline"
 
 
+def hydra_run_fields() -> dict[str, Any]:
+    """W&B fields from the Hydra job: ``job_type`` = the method, ``tags`` = the command-line overrides, and in
+    a sweep (``-m``) ``group`` = the sweep directory, so a sweep's runs are grouped in the dashboard."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return {}
+    hc = HydraConfig.get()
+    fields: dict[str, Any] = {"tags": [t[:64] for t in hc.overrides.task]}  # W&B caps tags at 64 characters
+    if hc.runtime.choices.get("method"):
+        fields["job_type"] = hc.runtime.choices["method"]
+    if hc.mode == RunMode.MULTIRUN:
+        fields["group"] = str(hc.sweep.dir)[-128:]  # W&B caps groups at 128 characters
+    return fields
+
+
 def make_wandb_logger(
     save_dir: str | Path,
     project: str = "sslab",
@@ -32,14 +50,16 @@ def make_wandb_logger(
     tags: list[str] | None = None,
     run_id: str | None = None,
 ) -> WandbLogger:
+    """Explicit ``group``/``job_type``/``tags`` win over the ones taken from the Hydra job."""
     mode = wandb_mode()
     os.environ.setdefault("WANDB_MODE", mode)
+    auto = hydra_run_fields()
     return WandbLogger(
         project=project,
         name=name,
-        group=group,
-        job_type=job_type,
-        tags=list(tags or []),
+        group=group or auto.get("group"),
+        job_type=job_type or auto.get("job_type"),
+        tags=list(tags or auto.get("tags", [])),
         save_dir=str(save_dir),
         offline=mode == "offline",
         id=run_id,

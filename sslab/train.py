@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -16,10 +18,13 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 from pytorch_lightning.loggers import WandbLogger
 
+from sslab import cluster
 from sslab.build import build_datamodule, build_method
+from sslab.callbacks.preemption import Preempted, Preemption
 from sslab.checkpoint_io import AtomicCheckpointIO
 from sslab.evaluation.features import extract, raw_pixels
 from sslab.evaluation.knn import knn_accuracy
+from sslab.precision import check_precision, compile_model
 from sslab.report import print_json_line, print_table
 from sslab.resume import find_resume_checkpoint
 
@@ -52,12 +57,17 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
             save_on_train_epoch_end=True,
         )
     )
-    trainer_kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)
+    callbacks.append(Preemption(run_dir / "checkpoints" / "last.ckpt"))
+    trainer_kwargs: dict[str, Any] = cluster.adapt_trainer_kwargs(
+        OmegaConf.to_container(cfg.trainer, resolve=True)
+    )
+    check_precision(trainer_kwargs.get("precision", "32-true"), trainer_kwargs.get("accelerator", "auto"))
+    trainer_kwargs.setdefault("use_distributed_sampler", False)  # our DataModules shard the data per rank
     return pl.Trainer(
         **trainer_kwargs,
         logger=loggers or False,
         callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *cluster.slurm_plugins()],
         default_root_dir=str(run_dir),
     )
 
@@ -83,6 +93,19 @@ def baseline_knn(cfg: DictConfig, dm, k: int, temperature: float) -> dict[str, f
     return out
 
 
+def uninstall_signal_handlers(trainer: pl.Trainer) -> None:
+    for cb in trainer.callbacks:
+        if isinstance(cb, Preemption):
+            cb.uninstall()
+
+
+def close_wandb(trainer: pl.Trainer) -> None:
+    """Close W&B runs so the offline run file is complete on disk."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -92,21 +115,36 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model = build_method(cfg, dm)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     model.sslab_config = resolved
-    ckpt = find_resume_checkpoint(cfg.resume, cfg.paths.output_dir, run_dir)
+    if cfg.get("compile"):
+        compile_model(model, cfg.trainer.get("accelerator", "auto"))
+    cluster.setup_rendezvous()
+    ckpt = cluster.own_checkpoint(run_dir) or find_resume_checkpoint(
+        cfg.resume, cfg.paths.output_dir, run_dir
+    )
     trainer = build_trainer(cfg, run_dir)
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved)
     start = time.perf_counter()
-    trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
+    try:
+        trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
+        uninstall_signal_handlers(trainer)
+    except Preempted as e:  # checkpoint written; a requeued SLURM job ends here and runs again
+        uninstall_signal_handlers(trainer)
+        with contextlib.suppress(Exception):  # SLURM's requeue may already have killed W&B's service
+            close_wandb(trainer)
+        if e.requeued:
+            print(f"preempted: {e}", file=sys.stderr)
+            raise SystemExit(0) from None
+        raise
     elapsed = time.perf_counter() - start
-    for logger in trainer.loggers:  # close W&B runs so the offline run file is complete on disk
-        if isinstance(logger, WandbLogger):
-            logger.experiment.finish()
+    in_sync = cluster.ranks_in_sync(model)
+    close_wandb(trainer)
 
     metrics: dict[str, Any] = dict(getattr(model, "eval_results", {}))
     metrics.update(
         {"train_time_s": round(elapsed, 1), "global_step": trainer.global_step, "run_dir": str(run_dir)}
     )
+    metrics.update({"world_size": trainer.world_size, "ranks_in_sync": in_sync})
     if ckpt:
         metrics["resumed_from"] = str(ckpt)
     knn_cfg = (cfg.get("callbacks") or {}).get("knn") or {"k": 20, "temperature": 0.07}

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Subset
 
 from sslab.evaluation.features import extract
+from sslab.modules.distributed import is_distributed
 
 
 def should_evaluate(trainer: pl.Trainer, every_n_epochs: int) -> bool:
@@ -18,8 +21,8 @@ def eval_features(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[st
     if cache is not None and cache["step"] == trainer.global_step:
         return cache
     bank_loader, test_loader = trainer.datamodule.eval_dataloaders()
-    bank, bank_labels = extract(pl_module.embed_uint8, bank_loader)
-    test, test_labels = extract(pl_module.embed_uint8, test_loader)
+    bank, bank_labels = extract_sharded(pl_module.embed_uint8, bank_loader)
+    test, test_labels = extract_sharded(pl_module.embed_uint8, test_loader)
     cache = {
         "step": trainer.global_step,
         "bank": bank,
@@ -29,6 +32,31 @@ def eval_features(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[st
     }
     pl_module._sslab_eval_cache = cache
     return cache
+
+
+def extract_sharded(embed, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+    """``extract`` split over ranks: rank r embeds the r-th contiguous block of the split, then every rank
+    gets the whole split in order (all-gather), so W ranks do 1/W of the work each and never disagree."""
+    if not is_distributed():
+        return extract(embed, loader)
+    rank, world, n = dist.get_rank(), dist.get_world_size(), len(loader.dataset)
+    bounds = [r * n // world for r in range(world + 1)]
+    part = Subset(loader.dataset, range(bounds[rank], bounds[rank + 1]))
+    feats, labels = extract(
+        embed, DataLoader(part, batch_size=loader.batch_size, num_workers=loader.num_workers)
+    )
+    sizes = [bounds[r + 1] - bounds[r] for r in range(world)]
+    return _all_gather_rows(feats, sizes), _all_gather_rows(labels, sizes)
+
+
+def _all_gather_rows(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Concatenate rank r's first ``sizes[r]`` rows; rows are padded to the largest size for the collective."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    padded = x.new_zeros((max(sizes), *x.shape[1:]), device=device)
+    padded[: len(x)] = x.to(padded.device)
+    out = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(out, padded)
+    return torch.cat([o[:k] for o, k in zip(out, sizes, strict=True)]).cpu()
 
 
 def log_eval(trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, float]) -> None:

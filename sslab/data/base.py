@@ -85,7 +85,10 @@ class SSLDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        self._sampler = EpochShuffleSampler(len(self.train_set), self.batch_size, self.seed)
+        # each rank takes its own share (train.py sets use_distributed_sampler=False)
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        self._sampler = EpochShuffleSampler(len(self.train_set), self.batch_size, self.seed, rank, world)
         if self._resume is not None:
             self._sampler.resume_at(*self._resume)
         return DataLoader(

@@ -9,16 +9,19 @@ from torch.utils.data import Sampler
 
 
 class EpochShuffleSampler(Sampler[int]):
-    """A fresh permutation per epoch from ``seed + epoch``; can start part-way into one epoch.
+    """A fresh permutation per epoch from ``seed + epoch``, sharded over ranks; can start part-way into one epoch.
 
     Lightning calls ``set_epoch`` before each epoch. ``resume_at(epoch, batches_done)`` makes the next
     iteration of that epoch skip the samples a checkpointed run had already trained on.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int = 0) -> None:
+    def __init__(
+        self, num_samples: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1
+    ) -> None:
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.seed = seed
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self._resume: tuple[int, int] | None = None
 
@@ -33,12 +36,18 @@ class EpochShuffleSampler(Sampler[int]):
         return torch.randperm(self.num_samples, generator=g)
 
     def __iter__(self) -> Iterator[int]:
+        """With ``world_size`` ranks, global batch g is ``order[g*B*W : (g+1)*B*W]`` and rank r trains on its
+        r-th block of B, so W ranks at batch B see exactly the samples one process sees at batch W*B."""
         order = self.permutation(self.epoch)
+        global_batch = self.batch_size * self.world_size
         start = 0
         if self._resume is not None and self._resume[0] == self.epoch:
-            start = self._resume[1] * self.batch_size
+            start = self._resume[1] * global_batch
             self._resume = None
-        return iter(order[start:].tolist())
+        rest = order[start:]
+        rest = rest[: len(rest) // global_batch * global_batch]  # whole global batches only (drop_last)
+        mine = rest.view(-1, self.world_size, self.batch_size)[:, self.rank]
+        return iter(mine.flatten().tolist())
 
     def __len__(self) -> int:
-        return self.num_samples
+        return self.num_samples // (self.batch_size * self.world_size) * self.batch_size
