@@ -8,14 +8,17 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from sslab.backbones.flexi import flexible_backbones, set_eval_patch_size
 from sslab.build import build_datamodule, build_method
 from sslab.errors import SSLabError
 from sslab.evaluation.features import extract
+from sslab.evaluation.finetune import finetune
 from sslab.evaluation.knn import knn_accuracy
 from sslab.evaluation.linear import linear_probe_accuracy
 from sslab.report import print_json_line, print_table
 
-EVALS = ("knn", "linear")
+EVALS = ("knn", "linear", "finetune")
+ALL = ("knn", "linear")  # eval=all; fine-tuning takes minutes, so it runs when named (eval=finetune)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -38,14 +41,22 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def selected_evals(choice: str | list[str]) -> list[str]:
-    names = list(EVALS) if choice == "all" else ([choice] if isinstance(choice, str) else list(choice))
+    names = list(ALL) if choice == "all" else ([choice] if isinstance(choice, str) else list(choice))
     unknown = [n for n in names if n not in EVALS]
     if unknown:
-        raise SSLabError(f"eval={choice}: unknown evaluation {unknown}; choose knn, linear or all")
+        raise SSLabError(
+            f"eval={choice}: unknown evaluation {unknown}; choose knn, linear, finetune, all or atari_probe"
+        )
     return names
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    if cfg.eval == "atari_probe":  # RAM-state probes of one or more checkpoints (+ random init), one table
+        from sslab.evaluation.atari_probe import evaluate_checkpoints
+
+        return evaluate_checkpoints(cfg)
+    if cfg.get("compare"):
+        raise SSLabError("compare=[...] works with eval=atari_probe; evaluate other checkpoints one by one")
     evals = selected_evals(cfg.eval)
     ckpt = load_checkpoint(cfg.ckpt)
     run_cfg = OmegaConf.create(ckpt["sslab_config"])
@@ -60,18 +71,99 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     model.load_state_dict(ckpt["state_dict"])
     model.to(device)
     bank_loader, test_loader = dm.eval_dataloaders()
-    bank, bank_y = extract(model.embed_uint8, bank_loader)
-    test, test_y = extract(model.embed_uint8, test_loader)
     metrics: dict[str, Any] = {"ckpt": str(cfg.ckpt), "global_step": ckpt.get("global_step")}
+    sizes = eval_patch_sizes(cfg, model, dm.image_size)  # [None]: the patch size it was trained with
+    name = f"{run_cfg.method.name} {run_cfg.backbone.name} @ step {metrics['global_step']}"
+    rows: dict[str, dict[str, float | None]] = {}
+    for size in sizes:
+        if size is not None:
+            set_eval_patch_size(model, size)
+        found = evaluate_model(cfg, evals, model, dm, run_cfg, bank_loader, test_loader, device)
+        suffix = f"_p{size}" if len(sizes) > 1 else ""
+        metrics.update({f"{k}{suffix}": v for k, v in found.items() if k != "split_sizes"})
+        row_name = name if size is None else f"{name}, patch {size}"
+        rows[row_name] = {c: found.get(k) for k, c in COLUMNS.items()}
+        n_bank, n_test = found["split_sizes"]
+    if len(sizes) == 1 and sizes[0] is not None:
+        metrics["patch_size"] = sizes[0]
+    columns = [c for k, c in COLUMNS.items() if k.split("/")[1].split("_")[0] in evals]
+    print_table(f"{dm.name}: bank {n_bank}, test {n_test}", rows, columns)
+    print_json_line(metrics)
+    return metrics
+
+
+COLUMNS = {
+    "eval/knn_top1": "k-NN top-1",
+    "eval/linear_top1": "linear top-1",
+    "eval/finetune_top1": "fine-tune top-1",
+}
+
+
+def eval_patch_sizes(cfg: DictConfig, model: torch.nn.Module, image_size: int) -> list[int | None]:
+    """``patch_sizes=[...]`` (one table row each) or ``backbone.patch_size=P``; [None] keeps the trained size."""
+    sizes = list(cfg.get("patch_sizes") or [])
+    single = (cfg.get("backbone") or {}).get("patch_size")
+    if sizes and single is not None:
+        raise SSLabError("give either backbone.patch_size=P or patch_sizes=[...], not both")
+    sizes = sizes or ([single] if single is not None else [])
+    if not sizes:
+        return [None]
+    bad = [p for p in sizes if int(p) < 1 or image_size % int(p)]
+    if bad:
+        divisors = [d for d in range(1, image_size + 1) if image_size % d == 0]
+        raise SSLabError(
+            f"patch size {bad} does not divide the {image_size} px images; choose from {divisors}"
+        )
+    if not flexible_backbones(model):
+        raise SSLabError("backbone.patch_size / patch_sizes apply to ViT backbones; this checkpoint has none")
+    return [int(p) for p in sizes]
+
+
+def evaluate_model(
+    cfg: DictConfig,
+    evals: list[str],
+    model: torch.nn.Module,
+    dm: Any,
+    run_cfg: DictConfig,
+    bank_loader: Any,
+    test_loader: Any,
+    device: torch.device,
+) -> dict[str, Any]:
+    """The selected evaluations of ``model`` as it is now (one patch size):
+    {"eval/...": top-1 in percent, "split_sizes": (bank, test)}."""
+    metrics: dict[str, Any] = {}
+    if "knn" in evals or "linear" in evals:
+        bank, bank_y = extract(model.embed_uint8, bank_loader)
+        test, test_y = extract(model.embed_uint8, test_loader)
+        metrics["split_sizes"] = (len(bank), len(test))
+    else:
+        metrics["split_sizes"] = (len(dm.bank_set), len(dm.test_set))
     if "knn" in evals:
         metrics["eval/knn_top1"] = knn_accuracy(bank, bank_y, test, test_y, cfg.knn.k, cfg.knn.temperature)
     if "linear" in evals:
+        linear_cfg = OmegaConf.to_container(cfg.linear)
+        # null: the method decides (MAE's probe: BatchNorm without affine before the linear layer)
+        if linear_cfg.get("batchnorm") is None:
+            linear_cfg["batchnorm"] = bool(getattr(model, "probe_batchnorm", False))
         metrics["eval/linear_top1"] = linear_probe_accuracy(
-            bank, bank_y, test, test_y, seed=int(run_cfg.seed), **OmegaConf.to_container(cfg.linear)
+            bank, bank_y, test, test_y, seed=int(run_cfg.seed), **linear_cfg
         )
-    columns = [c for c, e in (("k-NN top-1", "knn"), ("linear top-1", "linear")) if e in evals]
-    row = {"k-NN top-1": metrics.get("eval/knn_top1"), "linear top-1": metrics.get("eval/linear_top1")}
-    name = f"{run_cfg.method.name} {run_cfg.backbone.name} @ step {metrics['global_step']}"
-    print_table(f"{dm.name}: bank {len(bank)}, test {len(test)}", {name: row}, columns)
-    print_json_line(metrics)
+    if "finetune" in evals:
+        finetune_cfg = OmegaConf.to_container(cfg.finetune)
+        if finetune_cfg.get("pool") is None:  # null: pool as the method's embed does (MAE: embed_pool)
+            finetune_cfg["pool"] = getattr(model, "embed_pool", "cls")
+        result = finetune(
+            model.eval_backbone(),
+            dm.bank_set,
+            test_loader,
+            num_classes=len(dm.class_names),
+            image_size=dm.image_size,
+            mean=dm.mean,
+            std=dm.std,
+            num_workers=dm.num_workers,
+            seed=int(run_cfg.seed),
+            device=device,
+            **finetune_cfg,
+        )
+        metrics["eval/finetune_top1"] = result["top1"]
     return metrics

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from sslab.backbones.base import Backbone
 from sslab.backbones.cnn import CNNBackbone
 from sslab.backbones.vit import ViTBackbone
@@ -24,19 +26,33 @@ def build(
     num_registers: int = 0,
     drop_path_rate: float = 0.0,
     in_chans: int = 3,
+    flexi: bool = False,
+    flexi_patch_sizes: Sequence[int] | None = None,
     **vit_overrides,
 ) -> Backbone:
-    """Build an encoder by its short name; ``vit_overrides`` (depth, num_heads, ...) go to timm ViTs."""
+    """Build an encoder by its short name; ``vit_overrides`` (depth, num_heads, ...) go to timm ViTs.
+    ``flexi`` makes a FlexiViT that trains with a patch size drawn per step from ``flexi_patch_sizes``."""
     if name in VIT:
         if img_size % patch_size:
             raise SSLabError(
                 f"image size {img_size} is not a multiple of patch size {patch_size}; "
                 f"set backbone.patch_size to a divisor of {img_size}"
             )
+        sizes = _flexi_sizes(img_size, flexi_patch_sizes) if flexi else ()
         model: Backbone = ViTBackbone(
-            VIT[name], img_size, patch_size, num_registers, drop_path_rate, in_chans, **vit_overrides
+            VIT[name],
+            img_size,
+            patch_size,
+            num_registers,
+            drop_path_rate,
+            in_chans,
+            flexi=flexi,
+            flexi_patch_sizes=sizes,
+            **vit_overrides,
         )
     elif name in CNN:
+        if flexi:
+            raise SSLabError(f"{name} is a CNN and has no patches; drop backbone.flexi or use a ViT")
         if num_registers:
             raise SSLabError(
                 f"{name} is a CNN and has no register tokens; drop backbone.num_registers or use a ViT"
@@ -48,3 +64,16 @@ def build(
         raise SSLabError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     model.name = name
     return model
+
+
+def _flexi_sizes(img_size: int, sizes: Sequence[int] | None) -> tuple[int, ...]:
+    """FlexiViT patch sizes: a non-empty list of divisors of the image size."""
+    sizes = tuple(int(p) for p in (sizes or ()))
+    divisors = [d for d in range(2, img_size) if img_size % d == 0]
+    bad = [p for p in sizes if p < 1 or img_size % p]
+    if not sizes or bad:
+        raise SSLabError(
+            f"backbone.flexi_patch_sizes={list(sizes)} must be a non-empty list of divisors of the image size "
+            f"{img_size}; choose from {divisors}"
+        )
+    return sizes

@@ -2,5 +2,9 @@
 
 from sslab.methods.base import DataSpec, SSLMethod
 from sslab.methods.dino import DINO
+from sslab.methods.dinov2 import DINOv2
+from sslab.methods.ibot import IBOT
+from sslab.methods.tov_vicreg import TOVVICReg
+from sslab.methods.vicreg import VICReg
 
-__all__ = ["DINO", "DataSpec", "SSLMethod"]
+__all__ = ["DINO", "IBOT", "DINOv2", "DataSpec", "SSLMethod", "TOVVICReg", "VICReg"]

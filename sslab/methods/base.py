@@ -12,7 +12,9 @@ from torch import nn
 
 from sslab.augment import eval_view
 from sslab.backbones import Backbone
+from sslab.backbones.flexi import draw_patch_size, flexible_backbones
 from sslab.errors import SSLabError
+from sslab.modules.lr_decay import lr_scale
 from sslab.modules.schedules import CosineSchedule, LinearWarmupSchedule
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,9 @@ class SSLMethod(pl.LightningModule):
 
     requires_masking: bool = False
     required_keys: tuple[str, ...] = ("image",)
+    flexi_patch_size: int | None = None  # this step's FlexiViT patch size (logged as train/patch_size)
+    supports_flexi: bool = True  # False where the method's targets are tied to one patch size (MAE pixels)
+    view_key: str = "image"  # the batch key the view pipeline reads (TOV-VICReg: "frames")
 
     def __init__(
         self,
@@ -58,9 +63,14 @@ class SSLMethod(pl.LightningModule):
         weight_decay_end: float | None = None,
         betas: tuple[float, float] = (0.9, 0.999),
         grad_clip: float | None = None,
+        layer_decay: float | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
+        if getattr(backbone, "flexi", False) and not self.supports_flexi:
+            raise SSLabError(
+                f"{type(self).__name__} predicts per-patch targets at one patch size; drop backbone.flexi=true"
+            )
         self.backbone = backbone
         self.data = data
         self.base_lr, self.min_lr, self.warmup_epochs = base_lr, min_lr, warmup_epochs
@@ -68,6 +78,7 @@ class SSLMethod(pl.LightningModule):
         self.weight_decay_end = weight_decay if weight_decay_end is None else weight_decay_end
         self.betas = tuple(betas)
         self.grad_clip = grad_clip
+        self.layer_decay = layer_decay
         self.seed = seed
         self.views = self.make_views()
         self.schedules: dict[str, Any] = {}
@@ -86,6 +97,10 @@ class SSLMethod(pl.LightningModule):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, D) features of normalised float images, for evaluation."""
         raise NotImplementedError
+
+    def eval_backbone(self) -> Backbone:
+        """The encoder that ``embed`` uses (fine-tuning starts from it); DINO-style methods return the teacher."""
+        return self.backbone
 
     def extra_schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, Any]:
         return {}
@@ -113,8 +128,24 @@ class SSLMethod(pl.LightningModule):
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         if self.trainer is not None and self.trainer.training:
             torch.manual_seed(self.step_seed(self.global_step))
-            batch["views"] = self.views(batch["image"])
+            self.draw_patch_size(self.global_step)  # first: masks made with the views see this step's grid
+            batch["views"] = self.views(batch[self.view_key])
         return batch
+
+    def draw_patch_size(self, step: int) -> None:
+        """FlexiViT (Beyer et al., 2023): one patch size per training step, the same for every backbone of
+        the method (student and teacher) and every rank; methods never see it (``backbone.patch_size``)."""
+        flexi = [b for b in flexible_backbones(self) if b.flexi]
+        if not flexi:
+            return
+        sizes = flexi[0].flexi_patch_sizes
+        if any(b.flexi_patch_sizes != sizes for b in flexi):
+            raise SSLabError(
+                "the method's FlexiViT backbones differ in flexi_patch_sizes; give them one list"
+            )
+        self.flexi_patch_size = draw_patch_size(sizes, self.seed, step)
+        for b in flexi:
+            b.set_patch_size(self.flexi_patch_size)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         self.trained_step = self.global_step  # schedules index the step being trained, also after it
@@ -128,21 +159,35 @@ class SSLMethod(pl.LightningModule):
         self.log("train/loss", loss.detach(), prog_bar=True)
         logs = {f"train/{k}": v for k, v in out.get("logs", {}).items()}
         logs.update({f"train/{k}": s(self.global_step) for k, s in self.schedules.items()})
+        if self.flexi_patch_size is not None:
+            logs["train/patch_size"] = float(self.flexi_patch_size)
         self.log_dict(logs)
         return {"loss": loss, "features": out["features"].detach()}
 
     # -- optimisation --------------------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
-        decay, no_decay = [], []
+        """Two groups (with and without weight decay), split further by layer-wise lr scale when
+        ``layer_decay`` is set; each group's ``lr_scale`` multiplies the scheduled lr."""
+        num_blocks = len(getattr(getattr(self.backbone, "vit", None), "blocks", []))
+        groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
         for module in self.trainable_modules():
             for name, p in module.named_parameters():
                 if not p.requires_grad:
                     continue
                 is_token = name.split(".")[-1] in NO_DECAY_NAMES
-                (no_decay if p.ndim <= 1 or is_token else decay).append(p)
+                apply_wd = not (p.ndim <= 1 or is_token)
+                scale = 1.0
+                if self.layer_decay is not None and module is self.backbone and num_blocks:
+                    scale = lr_scale(name, num_blocks, self.layer_decay)
+                groups.setdefault((apply_wd, scale), []).append(p)
         return [
-            {"params": decay, "apply_wd": True, "weight_decay": self.weight_decay},
-            {"params": no_decay, "apply_wd": False, "weight_decay": 0.0},
+            {
+                "params": params,
+                "apply_wd": apply_wd,
+                "weight_decay": self.weight_decay if apply_wd else 0.0,
+                "lr_scale": scale,
+            }
+            for (apply_wd, scale), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], -kv[0][1]))
         ]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -177,7 +222,7 @@ class SSLMethod(pl.LightningModule):
         lr, wd = self.schedules["lr"](step), self.schedules["wd"](step)
         for opt in self.trainer.optimizers:
             for group in opt.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
                 if group.get("apply_wd"):
                     group["weight_decay"] = wd
 

@@ -50,14 +50,13 @@ class DINO(SSLMethod):
     ) -> None:
         self.view_cfg = dict(views or {})
         super().__init__(*args, **kwargs)
-        self.head = DINOHead(
-            self.backbone.embed_dim,
-            out_dim,
-            hidden_dim,
-            bottleneck_dim,
-            norm_last_layer=norm_last_layer,
-            use_bn=use_bn_in_head,
-        )
+        self.head_kwargs = {
+            "hidden_dim": hidden_dim,
+            "bottleneck_dim": bottleneck_dim,
+            "norm_last_layer": norm_last_layer,
+            "use_bn": use_bn_in_head,
+        }  # subclasses build further heads (iBOT's patch head) the same way
+        self.head = DINOHead(self.backbone.embed_dim, out_dim, **self.head_kwargs)
         self.teacher_backbone = copy.deepcopy(self.backbone)
         self.teacher_head = copy.deepcopy(self.head)
         for p in [*self.teacher_backbone.parameters(), *self.teacher_head.parameters()]:
@@ -92,18 +91,14 @@ class DINO(SSLMethod):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return self.teacher_backbone(images)
 
+    def eval_backbone(self) -> nn.Module:
+        return self.teacher_backbone
+
     def forward_crops(
         self, backbone: nn.Module, head: nn.Module, crops: Sequence[torch.Tensor]
     ) -> list[torch.Tensor]:
         """One backbone call per crop resolution, one head call for all crops; (B, K) logits per crop."""
-        feats, start = [], 0
-        while start < len(crops):
-            end = start
-            while end < len(crops) and crops[end].shape[-1] == crops[start].shape[-1]:
-                end += 1
-            feats.append(backbone(torch.cat(list(crops[start:end]))))
-            start = end
-        return list(head(torch.cat(feats)).chunk(len(crops)))
+        return list(head(features_by_resolution(backbone, crops)).chunk(len(crops)))
 
     def step(self, batch: dict[str, Any]) -> dict[str, Any]:
         crops: list[torch.Tensor] = batch["views"]
@@ -126,8 +121,9 @@ class DINO(SSLMethod):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.global_step < self.freeze_last_layer_epochs * self.steps_per_epoch:
-            for p in self.head.last_layer.parameters():
-                p.grad = None
+            for layer in self.frozen_last_layers():
+                for p in layer.parameters():
+                    p.grad = None
         super().on_before_optimizer_step(optimizer)
 
     def optimizer_step(self, *args, **kwargs) -> None:
@@ -135,5 +131,25 @@ class DINO(SSLMethod):
         at the end of the step (callbacks run before this module's batch-end hook) already holds it."""
         super().optimizer_step(*args, **kwargs)
         momentum = self.schedules["momentum"](self.trained_step)
-        ema_update_(self.teacher_backbone, self.backbone, momentum)
-        ema_update_(self.teacher_head, self.head, momentum)
+        for teacher, student in self.ema_pairs():
+            ema_update_(teacher, student, momentum)
+
+    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(teacher, student) modules the teacher EMA updates; subclasses with more heads extend it."""
+        return [(self.teacher_backbone, self.backbone), (self.teacher_head, self.head)]
+
+    def frozen_last_layers(self) -> list[nn.Module]:
+        """Head output layers that get no update during the first ``freeze_last_layer_epochs``."""
+        return [self.head.last_layer]
+
+
+def features_by_resolution(backbone: nn.Module, crops: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Backbone features of all crops in order, with one backbone call per run of equal-size crops."""
+    feats, start = [], 0
+    while start < len(crops):
+        end = start
+        while end < len(crops) and crops[end].shape[-1] == crops[start].shape[-1]:
+            end += 1
+        feats.append(backbone(torch.cat(list(crops[start:end]))))
+        start = end
+    return torch.cat(feats)
