@@ -42,6 +42,7 @@ bench: install-bench
 	$(PYTHON) bench/dino_step.py
 	$(PYTHON) bench/knn_eval.py
 	$(PYTHON) bench/views.py
+	$(PYTHON) bench/mae_step.py
 	$(PYTHON) bench/ddp_scaling.py
 
 lint:

@@ -104,6 +104,10 @@ def adapt_trainer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
       ``trainer.strategy=ddp_find_unused_parameters_true``.
     """
     out = dict(kwargs)
+    if out.get("sync_batchnorm") == "auto":  # SyncBatchNorm exists on GPUs only
+        out["sync_batchnorm"] = out.get("accelerator", "auto") in ("auto", "gpu", "cuda") and (
+            torch.cuda.is_available()
+        )
     tasks = slurm_tasks()
     if tasks > 1:
         nodes = max(1, env_int("SLURM_NNODES", env_int("SLURM_JOB_NUM_NODES", 1)))
@@ -174,11 +178,17 @@ def own_checkpoint(run_dir: Path) -> Path | None:
     return path if restart_count() > 0 and path.is_file() else None
 
 
+BATCHNORM_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
 @torch.no_grad()
 def state_digest(module: torch.nn.Module) -> bytes:
-    """A hash of every parameter and buffer, bit for bit."""
+    """A hash of every parameter and buffer, bit for bit, except BatchNorm running statistics: without
+    SyncBatchNorm (which torch has only on GPUs) each rank keeps its own, and training never reads them."""
     h = hashlib.sha256()
     for name, t in module.state_dict().items():
+        if name.rsplit(".", 1)[-1] in BATCHNORM_STATS:
+            continue
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.digest()

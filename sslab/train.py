@@ -127,15 +127,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     try:
         trainer.fit(model, datamodule=dm, ckpt_path=str(ckpt) if ckpt else None)
-        uninstall_signal_handlers(trainer)
     except Preempted as e:  # checkpoint written; a requeued SLURM job ends here and runs again
-        uninstall_signal_handlers(trainer)
         with contextlib.suppress(Exception):  # SLURM's requeue may already have killed W&B's service
             close_wandb(trainer)
         if e.requeued:
             print(f"preempted: {e}", file=sys.stderr)
             raise SystemExit(0) from None
         raise
+    finally:  # whatever ended fit (NaN loss, a bad batch, a signal), the process gets its handlers back
+        uninstall_signal_handlers(trainer)
     elapsed = time.perf_counter() - start
     in_sync = cluster.ranks_in_sync(model)
     close_wandb(trainer)

@@ -14,15 +14,15 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.xfail(
     strict=True,
-    reason="known gap (issue 2): the CPU-sized default DINO does not yet beat its random-init encoder; "
-    "the full 1000-step default run measured 66.7 vs 67.2 k-NN top-1",
+    reason="known gap (issue 2): k-NN overtakes random init only late in the run; here (300 steps, small "
+    "eval split) 57.1 vs 59.4, while the full 1000-step default run measures 71.95 vs 67.20",
 )
 def test_default_dino_learns_on_fashion_mnist(tmp_path):
     overrides = [
         "data.source=embedded",
         "data.eval_bank_size=2000",
         "data.eval_test_size=1000",
-        "trainer.max_steps=160",
+        "trainer.max_steps=300",
         "logger=[csv]",
         "callbacks=[knn]",
         "trainer.enable_progress_bar=false",
@@ -34,6 +34,6 @@ def test_default_dino_learns_on_fashion_mnist(tmp_path):
     metrics = train(cfg)
     with open(tmp_path / "csv" / "metrics.csv") as f:
         losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
-    assert len(losses) == 32
+    assert len(losses) == 60
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
     assert metrics["eval/knn_top1"] > metrics["baseline/random_init_knn_top1"]
