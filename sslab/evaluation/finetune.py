@@ -25,10 +25,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from sslab.augment.multicrop import eval_view, normalize, to_float
 from sslab.errors import SSLabError
-from sslab.modules.lr_decay import lr_scale
+from sslab.modules.param_groups import adamw_param_groups
 from sslab.modules.schedules import CosineSchedule
-
-NO_DECAY_NAMES = ("cls_token", "pos_embed", "reg_token", "mask_token")
 
 
 class Classifier(nn.Module):
@@ -51,23 +49,9 @@ class Classifier(nn.Module):
 def finetune_param_groups(
     model: Classifier, weight_decay: float, layer_decay: float | None
 ) -> list[dict[str, Any]]:
-    """AdamW groups keyed by (weight decay on/off, layer-wise lr scale); ``lr_scale`` multiplies the
-    scheduled lr. Only ViT encoders (``encoder.vit.blocks``) get layer-wise decay; the head keeps scale 1."""
-    num_blocks = len(getattr(getattr(model.encoder, "vit", None), "blocks", []))
-    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
-    for prefix, module in (("encoder", model.encoder), ("head", model.head)):
-        for name, p in module.named_parameters():
-            if not p.requires_grad:
-                continue
-            apply_wd = p.ndim > 1 and name.split(".")[-1] not in NO_DECAY_NAMES
-            scale = 1.0
-            if prefix == "encoder" and layer_decay is not None and num_blocks:
-                scale = lr_scale(name, num_blocks, layer_decay)
-            groups.setdefault((apply_wd, scale), []).append(p)
-    return [
-        {"params": ps, "weight_decay": weight_decay if wd else 0.0, "lr_scale": scale}
-        for (wd, scale), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], -kv[0][1]))
-    ]
+    """The pretraining groups (``adamw_param_groups``); only the encoder gets layer-wise decay, the head
+    keeps scale 1."""
+    return adamw_param_groups([model.encoder, model.head], weight_decay, layer_decay, model.encoder)
 
 
 def train_views(size: int, crop_scale: Sequence[float]) -> nn.Module:

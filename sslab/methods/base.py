@@ -14,12 +14,11 @@ from sslab.augment import eval_view
 from sslab.backbones import Backbone
 from sslab.backbones.flexi import draw_patch_size, flexible_backbones
 from sslab.errors import SSLabError
-from sslab.modules.lr_decay import lr_scale
+from sslab.modules.param_groups import adamw_param_groups
 from sslab.modules.schedules import CosineSchedule, LinearWarmupSchedule
 
 log = logging.getLogger(__name__)
 SCHEDULE_TYPES = {"CosineSchedule": CosineSchedule, "LinearWarmupSchedule": LinearWarmupSchedule}
-NO_DECAY_NAMES = ("cls_token", "pos_embed", "reg_token", "mask_token")
 
 
 @dataclass(frozen=True)
@@ -166,29 +165,9 @@ class SSLMethod(pl.LightningModule):
 
     # -- optimisation --------------------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
-        """Two groups (with and without weight decay), split further by layer-wise lr scale when
-        ``layer_decay`` is set; each group's ``lr_scale`` multiplies the scheduled lr."""
-        num_blocks = len(getattr(getattr(self.backbone, "vit", None), "blocks", []))
-        groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
-        for module in self.trainable_modules():
-            for name, p in module.named_parameters():
-                if not p.requires_grad:
-                    continue
-                is_token = name.split(".")[-1] in NO_DECAY_NAMES
-                apply_wd = not (p.ndim <= 1 or is_token)
-                scale = 1.0
-                if self.layer_decay is not None and module is self.backbone and num_blocks:
-                    scale = lr_scale(name, num_blocks, self.layer_decay)
-                groups.setdefault((apply_wd, scale), []).append(p)
-        return [
-            {
-                "params": params,
-                "apply_wd": apply_wd,
-                "weight_decay": self.weight_decay if apply_wd else 0.0,
-                "lr_scale": scale,
-            }
-            for (apply_wd, scale), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], -kv[0][1]))
-        ]
+        return adamw_param_groups(
+            self.trainable_modules(), self.weight_decay, self.layer_decay, layer_decayed=self.backbone
+        )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         trainer = self.trainer
