@@ -34,6 +34,8 @@ for _message in (r".*overridden `on_after_batch_transfer`.*", r".*isinstance\(tr
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
+    if cfg.get("run_dir"):  # a pipeline stage's own directory
+        return Path(cfg.run_dir)
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir)
     return Path(cfg.paths.output_dir)
@@ -113,6 +115,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     torch.set_float32_matmul_precision("high")
     dm = build_datamodule(cfg)
     model = build_method(cfg, dm)
+    if cfg.get("init_from"):  # a resumed run's checkpoint then overwrites these weights with its own
+        model.init_backbone_from(cfg.init_from)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     model.sslab_config = resolved
     if cfg.get("compile"):

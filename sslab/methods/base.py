@@ -104,6 +104,14 @@ class SSLMethod(pl.LightningModule):
     def extra_schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, Any]:
         return {}
 
+    def init_backbone_from(self, ckpt_path: str) -> None:
+        """Start from another run's evaluation encoder (``init_from``); an EMA teacher starts equal to it."""
+        from sslab.init_from import init_backbone
+
+        init_backbone(self.backbone, ckpt_path)
+        if self.eval_backbone() is not self.backbone:
+            self.eval_backbone().load_state_dict(self.backbone.state_dict())
+
     def trainable_modules(self) -> list[nn.Module]:
         return [self.backbone]
 
@@ -217,6 +225,14 @@ class SSLMethod(pl.LightningModule):
         checkpoint["sslab_steps_per_epoch"] = self.steps_per_epoch
         if self.sslab_config is not None:
             checkpoint["sslab_config"] = self.sslab_config
+        checkpoint["sslab_eval_backbone"] = self.eval_backbone_prefix()
+
+    def eval_backbone_prefix(self) -> str:
+        """State-dict prefix of ``eval_backbone()`` (e.g. ``teacher_backbone.``), so a later run can take
+        the evaluation encoder from a checkpoint without building this method (``init_from``)."""
+        target = self.eval_backbone()
+        name = next(n for n, m in self.named_modules() if m is target)
+        return f"{name}."
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("sslab_schedules", {})

@@ -1,0 +1,163 @@
+"""Multi-stage recipes (``python train.py pipeline=mae_wsp``): stages run in order, each in its own directory.
+
+A pipeline config lists stages; each has a ``kind`` (a function in ``STAGE_KINDS``), ``params`` and
+``inputs`` that name earlier stages' outputs (``mae.ckpt``, ``maskcut.json``). A stage that finished wrote
+``stage.json`` (its outputs, atomically), so a stopped pipeline rerun with ``resume=<pipeline dir>`` (or
+``resume=auto``) skips finished stages and resumes the unfinished one from its own last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hydra import compose
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from sslab.errors import SSLabError
+
+STAGE_FILE = "stage.json"
+PIPELINE_FILE = "pipeline.json"
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+# -- stage kinds ---------------------------------------------------------------------------------------
+def train_stage(stage_dir: Path, overrides: list[str], params: dict[str, Any], **inputs: str) -> dict:
+    """One ``train.py`` run composed from the pipeline's overrides plus the stage's own; ``init_from``
+    (an earlier stage's checkpoint) initialises its backbone. Resumes from its own last.ckpt if present."""
+    from sslab.train import train
+
+    stage_overrides = [*overrides, *params.get("overrides", [])]
+    if "init_from" in inputs:
+        stage_overrides.append(f"init_from={inputs['init_from']}")
+    cfg = compose(config_name="config", overrides=stage_overrides)
+    last = stage_dir / "checkpoints" / "last.ckpt"
+    with open_dict(cfg):
+        cfg.run_dir = str(stage_dir)
+        cfg.resume = str(last) if last.is_file() else None
+        cfg.pipeline = None
+    metrics = train(cfg)
+    return {"ckpt": str(last), "metrics": _scalars(metrics)}
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+STAGE_KINDS: dict[str, Callable[..., dict]] = {"train": train_stage}
+
+
+def register_stage_kind(name: str, fn: Callable[..., dict]) -> None:
+    STAGE_KINDS[name] = fn
+
+
+def _load_optional_kinds() -> None:
+    """CutLER's stage kinds live with their code; importing registers them."""
+    import sslab.cutler.stages  # noqa: F401
+
+
+# -- the runner ----------------------------------------------------------------------------------------
+def user_overrides() -> list[str]:
+    """The command line's overrides that apply to every stage (all but pipeline and resume)."""
+    if not HydraConfig.initialized():
+        return []
+    skip = ("pipeline", "+pipeline", "resume", "hydra.")
+    return [o for o in HydraConfig.get().overrides.task if not o.split("=", 1)[0].startswith(skip)]
+
+
+def find_pipeline_dir(resume: str, output_dir: str | Path, name: str) -> Path:
+    """``auto``: the newest directory under output_dir holding this pipeline's pipeline.json; or a path."""
+    if resume == "auto":
+        found = [
+            p.parent
+            for p in Path(output_dir).glob(f"**/{PIPELINE_FILE}")
+            if json.loads(p.read_text()).get("name") == name
+        ]
+        if not found:
+            raise SSLabError(
+                f"resume=auto found no pipeline={name} under {output_dir}; start it without resume"
+            )
+        return max(found, key=lambda d: (d / PIPELINE_FILE).stat().st_mtime)
+    path = Path(resume).expanduser()
+    if not (path / PIPELINE_FILE).is_file():
+        raise SSLabError(f"resume={resume}: no {PIPELINE_FILE} there; pass the pipeline's directory")
+    return path
+
+
+def resolve_inputs(inputs: dict[str, str], done: dict[str, dict]) -> dict[str, str]:
+    """``{"init_from": "mae.ckpt"}`` -> the path stage ``mae`` reported as its ``ckpt`` output."""
+    resolved = {}
+    for key, ref in inputs.items():
+        stage, _, output = str(ref).partition(".")
+        if stage not in done or output not in done[stage]:
+            raise SSLabError(f"pipeline input {key}={ref}: stage {stage!r} has no output {output!r}")
+        resolved[key] = done[stage][output]
+    return resolved
+
+
+def run_pipeline(cfg: DictConfig, pipeline_dir: Path) -> dict[str, dict]:
+    """Run every stage not yet finished; returns each stage's outputs by name."""
+    spec = cfg.pipeline
+    stages = OmegaConf.to_container(spec.stages, resolve=True)
+    names = [s["name"] for s in stages]
+    if len(set(names)) != len(names):
+        raise SSLabError(f"pipeline={spec.name}: stage names must be unique, got {names}")
+    if any(s["kind"] not in STAGE_KINDS for s in stages):
+        _load_optional_kinds()
+    unknown = [s["kind"] for s in stages if s["kind"] not in STAGE_KINDS]
+    if unknown:
+        raise SSLabError(
+            f"pipeline={spec.name}: unknown stage kind {unknown}; choose from {sorted(STAGE_KINDS)}"
+        )
+
+    pipeline_dir.mkdir(parents=True, exist_ok=True)
+    record = pipeline_dir / PIPELINE_FILE
+    if record.is_file():  # resumed: the stages see the overrides the pipeline started with
+        overrides = json.loads(record.read_text())["overrides"]
+    else:
+        overrides = [*spec.get("overrides", []), *user_overrides()]
+        write_json_atomic(record, {"name": spec.name, "overrides": overrides, "stages": names})
+
+    done: dict[str, dict] = {}
+    for stage in stages:
+        stage_dir = pipeline_dir / stage["name"]
+        marker = stage_dir / STAGE_FILE
+        if marker.is_file():
+            done[stage["name"]] = json.loads(marker.read_text())
+            print(f"pipeline {spec.name}: stage {stage['name']} already done, skipped")
+            continue
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        print(f"pipeline {spec.name}: stage {stage['name']} ({stage['kind']}) -> {stage_dir}")
+        inputs = resolve_inputs(stage.get("inputs") or {}, done)
+        outputs = STAGE_KINDS[stage["kind"]](stage_dir, overrides, stage.get("params") or {}, **inputs)
+        write_json_atomic(marker, outputs)
+        done[stage["name"]] = outputs
+    return done
+
+
+def pipeline_main(cfg: DictConfig) -> dict[str, dict]:
+    """``python train.py pipeline=NAME [resume=DIR|auto]``: run (or continue) a pipeline, print its stages."""
+    from sslab.report import print_table
+    from sslab.train import run_dir_of
+
+    name = cfg.pipeline.name
+    if cfg.get("resume"):
+        pipeline_dir = find_pipeline_dir(str(cfg.resume), cfg.paths.output_dir, name)
+    else:
+        pipeline_dir = run_dir_of(cfg)
+    done = run_pipeline(cfg, pipeline_dir)
+    columns = list(cfg.pipeline.get("report") or [])
+    rows = {stage: {c: outputs.get("metrics", {}).get(c) for c in columns} for stage, outputs in done.items()}
+    if columns:
+        print_table(f"pipeline {name}", rows, columns)
+    print(f"pipeline directory: {pipeline_dir}")
+    return done
