@@ -57,3 +57,59 @@ def test_expander_layout():
     assert kinds == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
     assert head[-1].bias is None and head[-1].out_features == 4 and head[0].in_features == 8
     assert head(torch.randn(5, 8)).shape == (5, 4)
+
+
+VICREG_RANK_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from sslab.modules.vicreg_loss import vicreg_loss
+rank, port, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+z1, z2 = (t.split(4)[rank].clone().requires_grad_() for t in torch.load(path))
+loss, _ = vicreg_loss(z1, z2)
+loss.backward()
+torch.save({"loss": loss.detach(), "g1": z1.grad, "g2": z2.grad}, f"{path}.{rank}")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_vicreg_over_two_ranks_equals_one_process_on_the_global_batch(tmp_path):
+    # variance and covariance see both ranks' rows (all_gather with gradients): the mean of the rank losses is
+    # the one-process loss on the global batch, and each rank's gradient / world size (DDP's average) is that
+    # loss's gradient for its rows
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(8, 5), torch.randn(8, 5)
+    path = tmp_path / "z.pt"
+    torch.save((z1, z2), path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", VICREG_RANK_SCRIPT, str(r), port, str(path)],
+            env=env,
+            stderr=subprocess.PIPE,
+        )
+        for r in (0, 1)
+    ]
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read().decode()[-2000:]
+    ranks = [torch.load(f"{path}.{r}") for r in (0, 1)]
+
+    f1, f2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    loss, _ = vicreg_loss(f1, f2)
+    loss.backward()
+    assert torch.allclose((ranks[0]["loss"] + ranks[1]["loss"]) / 2, loss, rtol=1e-6)
+    assert torch.allclose(torch.cat([r["g1"] for r in ranks]) / 2, f1.grad, atol=1e-6)
+    assert torch.allclose(torch.cat([r["g2"] for r in ranks]) / 2, f2.grad, atol=1e-6)
+    # negative control: without the gather each rank's variance/covariance would see only 4 rows
+    local, _ = vicreg_loss(z1[:4], z2[:4])
+    assert not torch.allclose(local, ranks[0]["loss"], rtol=1e-3)

@@ -20,3 +20,13 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(x)
     return x
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every rank along dim 0 (rank order), keeping gradients flowing back to each
+    rank's part: the backward sums every rank's gradient for this rank's rows."""
+    if not is_distributed():
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)

@@ -15,16 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sslab.modules.distributed import is_distributed
-
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from every rank along dim 0, keeping gradients flowing back to each rank's part."""
-    if not is_distributed():
-        return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), dim=0)
+from sslab.modules.distributed import gather_with_grad
 
 
 def off_diagonal(m: torch.Tensor) -> torch.Tensor:
