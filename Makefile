@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install install-data install-slurm install-bench train test test-fast bench lint format
+.PHONY: install install-data install-slurm install-stamps install-bench train test test-fast bench lint format
 
 install: install-data
 	$(PIP) install -q -e ".[dev]"
@@ -26,13 +26,23 @@ install-slurm:
 	  || echo "note: could not install the SLURM packages; the slurm tests will skip"; \
 	else echo "note: no apt or not root; the slurm tests will skip"; fi
 
+# Debian's tuxpaint stamps (object cut-outs + captions) and gnome backgrounds for the `stamps` dataset
+# (data=stamps, CutLER / WSP pipelines); optional: without apt or root the stamps tests skip and say why.
+STAMPS_PKGS := tuxpaint-stamps-default gnome-backgrounds
+install-stamps:
+	@if [ -d /usr/share/tuxpaint/stamps ] && [ -d /usr/share/backgrounds/gnome ]; then :; \
+	elif command -v apt-get >/dev/null && { [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null; }; then \
+	  ($(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $(STAMPS_PKGS) >/dev/null) \
+	  || echo "note: could not install $(STAMPS_PKGS); data=stamps and its tests are unavailable"; \
+	else echo "note: no apt/root; data=stamps and its tests are unavailable"; fi
+
 install-bench: install
 	$(PIP) install -q -e ".[dev,bench]"
 
 train: install
 	$(PYTHON) train.py
 
-test: install install-slurm
+test: install install-slurm install-stamps
 	$(PYTHON) -m pytest -q
 
 test-fast: install

@@ -4,5 +4,12 @@ from sslab.data.atari import AtariDataModule
 from sslab.data.base import SSLDataModule
 from sslab.data.fashion_mnist_dm import FashionMNISTDataModule
 from sslab.data.imagefolder import ImageFolderDataModule
+from sslab.data.stamps import StampsDataModule
 
-__all__ = ["AtariDataModule", "FashionMNISTDataModule", "ImageFolderDataModule", "SSLDataModule"]
+__all__ = [
+    "AtariDataModule",
+    "FashionMNISTDataModule",
+    "ImageFolderDataModule",
+    "SSLDataModule",
+    "StampsDataModule",
+]
