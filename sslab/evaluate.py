@@ -15,10 +15,11 @@ from sslab.evaluation.features import extract
 from sslab.evaluation.finetune import finetune
 from sslab.evaluation.knn import knn_accuracy
 from sslab.evaluation.linear import linear_probe_accuracy
+from sslab.evaluation.zero_shot import chance_level, has_text_tower, zero_shot_accuracy
 from sslab.report import print_json_line, print_table
 
-EVALS = ("knn", "linear", "finetune")
-ALL = ("knn", "linear")  # eval=all; fine-tuning takes minutes, so it runs when named (eval=finetune)
+EVALS = ("knn", "linear", "finetune", "zero_shot")
+ALL = ("knn", "linear")  # eval=all (+ zero_shot for image-text methods); fine-tuning runs when named
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -45,7 +46,7 @@ def selected_evals(choice: str | list[str]) -> list[str]:
     unknown = [n for n in names if n not in EVALS]
     if unknown:
         raise SSLabError(
-            f"eval={choice}: unknown evaluation {unknown}; choose knn, linear, finetune, all or atari_probe"
+            f"eval={choice}: unknown evaluation {unknown}; choose knn, linear, finetune, zero_shot, all, atari_probe or discovery"
         )
     return names
 
@@ -55,6 +56,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         from sslab.evaluation.atari_probe import evaluate_checkpoints
 
         return evaluate_checkpoints(cfg)
+    if cfg.eval == "discovery":  # MaskCut vs ground-truth masks (+ random-init features), one table
+        from sslab.evaluation.discovery import evaluate_discovery
+
+        return evaluate_discovery(cfg)
     if cfg.get("compare"):
         raise SSLabError("compare=[...] works with eval=atari_probe; evaluate other checkpoints one by one")
     evals = selected_evals(cfg.eval)
@@ -70,6 +75,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     model = build_method(run_cfg, dm)
     model.load_state_dict(ckpt["state_dict"])
     model.to(device)
+    if cfg.eval == "all" and has_text_tower(model):
+        evals.append("zero_shot")
+    if "zero_shot" in evals and not has_text_tower(model):
+        raise SSLabError(
+            f"eval=zero_shot needs an image-text method (method=wsp); this checkpoint is {run_cfg.method.name}"
+        )
     bank_loader, test_loader = dm.eval_dataloaders()
     metrics: dict[str, Any] = {"ckpt": str(cfg.ckpt), "global_step": ckpt.get("global_step")}
     sizes = eval_patch_sizes(cfg, model, dm.image_size)  # [None]: the patch size it was trained with
@@ -84,9 +95,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         row_name = name if size is None else f"{name}, patch {size}"
         rows[row_name] = {c: found.get(k) for k, c in COLUMNS.items()}
         n_bank, n_test = found["split_sizes"]
+    if "zero_shot" in evals:
+        metrics["eval/zero_shot_chance"] = chance_level(len(dm.class_names))
+        rows[f"chance (1/{len(dm.class_names)})"] = {
+            COLUMNS["eval/zero_shot_top1"]: metrics["eval/zero_shot_chance"]
+        }
     if len(sizes) == 1 and sizes[0] is not None:
         metrics["patch_size"] = sizes[0]
-    columns = [c for k, c in COLUMNS.items() if k.split("/")[1].split("_")[0] in evals]
+    columns = [c for k, c in COLUMNS.items() if k.removeprefix("eval/").removesuffix("_top1") in evals]
     print_table(f"{dm.name}: bank {n_bank}, test {n_test}", rows, columns)
     print_json_line(metrics)
     return metrics
@@ -96,6 +112,7 @@ COLUMNS = {
     "eval/knn_top1": "k-NN top-1",
     "eval/linear_top1": "linear top-1",
     "eval/finetune_top1": "fine-tune top-1",
+    "eval/zero_shot_top1": "zero-shot top-1",
 }
 
 
@@ -166,4 +183,6 @@ def evaluate_model(
             **finetune_cfg,
         )
         metrics["eval/finetune_top1"] = result["top1"]
+    if "zero_shot" in evals:
+        metrics["eval/zero_shot_top1"] = zero_shot_accuracy(model, test_loader, dm.class_names, device)
     return metrics

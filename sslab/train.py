@@ -95,6 +95,17 @@ def baseline_knn(cfg: DictConfig, dm, k: int, temperature: float) -> dict[str, f
     return out
 
 
+def save_final_checkpoint(trainer: pl.Trainer, last: Path) -> None:
+    """Make last.ckpt hold the final step: Lightning skips it at train end when a periodic checkpoint was
+    written earlier in the run, which would hand a stale encoder to ``init_from`` and eval.py."""
+    saved_step = None
+    if last.is_file():
+        saved_step = torch.load(last, map_location="cpu", weights_only=False, mmap=True).get("global_step")
+    saved_step = trainer.strategy.broadcast(saved_step)
+    if saved_step != trainer.global_step:
+        trainer.save_checkpoint(last)
+
+
 def uninstall_signal_handlers(trainer: pl.Trainer) -> None:
     for cb in trainer.callbacks:
         if isinstance(cb, Preemption):
@@ -141,6 +152,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     finally:  # whatever ended fit (NaN loss, a bad batch, a signal), the process gets its handlers back
         uninstall_signal_handlers(trainer)
     elapsed = time.perf_counter() - start
+    save_final_checkpoint(trainer, run_dir / "checkpoints" / "last.ckpt")
     in_sync = cluster.ranks_in_sync(model)
     close_wandb(trainer)
 

@@ -135,3 +135,14 @@ def test_killed_pipeline_resumes_at_its_stage_and_step(tmp_path):
     second = json.loads((pipe / "second" / "stage.json").read_text())
     assert second["metrics"]["resumed_from"] == str(second_ckpts / "last.ckpt")
     assert second["metrics"]["global_step"] == 40
+
+
+@pytest.mark.slow
+def test_last_checkpoint_holds_the_final_step(tmp_path):
+    # a periodic checkpoint at step 4 must not leave last.ckpt behind the run's final step 6
+    from sslab.train import train
+
+    cfg = make_cfg(tmp_path, "trainer.max_steps=6", "checkpoint.every_n_steps=4", "callbacks=[]")
+    metrics = train(cfg)
+    last = Path(metrics["run_dir"]) / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 6

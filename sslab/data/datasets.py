@@ -21,3 +21,17 @@ class ArrayDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"image": self.images[i], "label": self.labels[i], "index": torch.tensor(i)}
+
+
+class CaptionedArrayDataset(ArrayDataset):
+    """``ArrayDataset`` plus "text": token rows looked up from a precomputed (classes, variants, L) table by
+    (label, index mod variants), so ``__getitem__`` stays a tensor index (templated captions)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, text_table: torch.Tensor) -> None:
+        super().__init__(images, labels)
+        self.text_table = text_table
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = super().__getitem__(i)
+        item["text"] = self.text_table[item["label"], i % self.text_table.shape[1]]
+        return item

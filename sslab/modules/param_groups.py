@@ -10,7 +10,7 @@ from torch import nn
 from sslab.modules.lr_decay import lr_scale
 
 # Tokens and embeddings get no weight decay, like biases and norms (DINO/MAE/BEiT recipes).
-NO_DECAY_NAMES = ("cls_token", "pos_embed", "reg_token", "mask_token")
+NO_DECAY_NAMES = ("cls_token", "pos_embed", "reg_token", "mask_token", "token_embed")
 
 
 def adamw_param_groups(
