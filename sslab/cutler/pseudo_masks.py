@@ -1,0 +1,227 @@
+"""MaskCut pseudo-masks over a dataset split, written as COCO instances JSON (CutLER's first stage).
+
+``python -m sslab.cutler.pseudo_masks ckpt=RUN/checkpoints/last.ckpt out=maskcut.json [split=train n_masks=3
+tau=0.15 batch_size=64 device=auto random_init=false data.root=...]``
+
+Images are read from the split's COCO JSON (``datamodule.coco_json(split)``, file names relative to
+``datamodule.root``), resized to the data's image size, normalised, and cut by ``sslab.modules.maskcut`` on
+the checkpoint's evaluation encoder (the teacher for DINO). Masks are upsampled from the patch grid to each
+image's own size with nearest interpolation (no CRF), stored as RLE with their tight box.
+
+Score: a pseudo-mask from MaskCut round r of n gets ``1 - r / n`` (1.0 for the first cut). Earlier rounds
+cut the most salient object left, so discovery order is the ranking MaskCut itself implies; evaluation (AP,
+CorLoc's top box) needs some ranking, and this one involves no tuned constant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from pycocotools import mask as mask_util
+from torch import nn
+
+from sslab.augment.multicrop import normalize, to_float
+from sslab.errors import SSLabError
+from sslab.modules.maskcut import maskcut, patch_keys, upsample_masks
+
+CATEGORIES = [{"id": 1, "name": "object"}]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_image(root: Path, file_name: str) -> torch.Tensor:
+    path = Path(root) / file_name
+    if not path.is_file():
+        raise SSLabError(f"image {path} listed in the COCO JSON is missing; rebuild the dataset")
+    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).contiguous()
+
+
+def model_input(
+    images: list[torch.Tensor], size: int, mean: list[float], std: list[float], device: torch.device
+) -> torch.Tensor:
+    """uint8 (3, H_i, W_i) images -> normalised float (B, 3, size, size), each resized whole (no crop, so the
+    patch grid maps back onto the full image)."""
+    out = []
+    for img in images:
+        x = to_float(img.unsqueeze(0).to(device))
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        out.append(x)
+    return normalize(torch.cat(out), mean, std)
+
+
+def mask_annotation(mask: np.ndarray, image_id: int, ann_id: int, score: float) -> dict[str, Any]:
+    """One COCO annotation for a bool (H, W) mask: RLE (counts as str), tight xywh box, area, score."""
+    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": 1,
+        "bbox": [float(v) for v in mask_util.toBbox(rle)],
+        "area": float(mask_util.area(rle)),
+        "iscrowd": 0,
+        "segmentation": rle,
+        "score": float(score),
+    }
+
+
+@torch.no_grad()
+def maskcut_annotations(
+    backbone: nn.Module,
+    images: list[dict[str, Any]],
+    root: str | Path,
+    image_size: int,
+    mean: list[float],
+    std: list[float],
+    n_masks: int = 3,
+    tau: float = 0.15,
+    batch_size: int = 64,
+    device: str | torch.device = "auto",
+) -> list[dict[str, Any]]:
+    """MaskCut annotations (category 1, scored ``1 - round / n_masks``) for COCO ``images`` entries."""
+    device = resolve_device(device) if isinstance(device, str) else device
+    backbone = backbone.to(device).eval()
+    annotations: list[dict[str, Any]] = []
+    for start in range(0, len(images), batch_size):
+        infos = images[start : start + batch_size]
+        x = model_input(
+            [load_image(Path(root), i["file_name"]) for i in infos], image_size, mean, std, device
+        )
+        result = maskcut(patch_keys(backbone, x), n_masks=n_masks, tau=tau)
+        masks, keep = result.masks.cpu(), result.keep.cpu()
+        for info, image_masks, image_keep in zip(infos, masks, keep, strict=True):
+            rounds = torch.nonzero(image_keep).flatten().tolist()
+            if not rounds:
+                continue
+            full = upsample_masks(image_masks[rounds], (int(info["height"]), int(info["width"]))).numpy()
+            for r, m in zip(rounds, full, strict=True):
+                annotations.append(mask_annotation(m, info["id"], len(annotations) + 1, 1.0 - r / n_masks))
+    return annotations
+
+
+def write_coco(path: str | Path, images: list[dict], annotations: list[dict], info: dict) -> Path:
+    """COCO instances JSON with one category ("object"), written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    payload = {"info": info, "images": images, "annotations": annotations, "categories": CATEGORIES}
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, path)
+    return path
+
+
+# -- from a checkpoint ----------------------------------------------------------------------------------
+def load_backbone(ckpt_path: str | Path, random_init: bool = False) -> tuple[nn.Module, DictConfig]:
+    """The checkpoint's evaluation encoder (or, ``random_init``, the same architecture freshly initialised
+    from the run's seed) and the run's config."""
+    from sslab.build import build_backbone
+    from sslab.evaluate import load_checkpoint
+    from sslab.init_from import init_backbone
+
+    run_cfg = OmegaConf.create(load_checkpoint(ckpt_path)["sslab_config"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(run_cfg.get("seed", 0)))
+        backbone = build_backbone(run_cfg)
+    if not random_init:
+        init_backbone(backbone, ckpt_path)
+    return backbone.eval(), run_cfg
+
+
+def coco_source(dm: Any, split: str) -> tuple[Path, Path]:
+    """(split JSON, image root) of a data module with COCO annotations (``data=stamps``)."""
+    if not callable(getattr(dm, "coco_json", None)) or not hasattr(dm, "root"):
+        raise SSLabError(
+            f"data={getattr(dm, 'name', type(dm).__name__)} has no COCO masks; MaskCut pseudo-masks and "
+            "discovery evaluation need data=stamps (or a data module with coco_json(split) and root)"
+        )
+    path = Path(dm.coco_json(split))
+    if not path.is_file():
+        raise SSLabError(f"{path} is missing; build the dataset first (python -m sslab.data.stamps_build)")
+    return path, Path(dm.root)
+
+
+def datamodule_for(run_cfg: DictConfig, data_overrides: dict | None = None) -> Any:
+    from sslab.build import build_datamodule
+
+    cfg = run_cfg.copy()
+    cfg.data = OmegaConf.merge(cfg.data, data_overrides or {})
+    dm = build_datamodule(cfg)
+    dm.prepare_data()
+    return dm
+
+
+def export_pseudo_masks(
+    ckpt_path: str | Path,
+    split: str = "train",
+    out_json: str | Path | None = None,
+    n_masks: int = 3,
+    tau: float = 0.15,
+    batch_size: int = 64,
+    device: str = "auto",
+    random_init: bool = False,
+    data_overrides: dict | None = None,
+    datamodule: Any = None,
+) -> Path:
+    """Run MaskCut over ``split`` with the checkpoint's evaluation encoder; write COCO JSON to ``out_json``
+    (default: ``maskcut_{split}.json`` beside the checkpoint) and return its path."""
+    backbone, run_cfg = load_backbone(ckpt_path, random_init)
+    dm = datamodule if datamodule is not None else datamodule_for(run_cfg, data_overrides)
+    gt_path, root = coco_source(dm, split)
+    images = json.loads(gt_path.read_text())["images"]
+    annotations = maskcut_annotations(
+        backbone, images, root, dm.image_size, list(dm.mean), list(dm.std), n_masks, tau, batch_size, device
+    )
+    out = Path(out_json) if out_json is not None else Path(ckpt_path).parent / f"maskcut_{split}.json"
+    info = {
+        "description": "MaskCut pseudo-masks (sslab)",
+        "ckpt": str(ckpt_path),
+        "split": split,
+        "source": str(gt_path),
+        "n_masks": n_masks,
+        "tau": tau,
+        "random_init": random_init,
+    }
+    return write_coco(out, images, annotations, info)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``key=value`` arguments: ckpt (required), out, split, n_masks, tau, batch_size, device, random_init,
+    and ``data.<field>=...`` overrides of the checkpoint's data config."""
+    args = OmegaConf.from_dotlist(sys.argv[1:] if argv is None else argv)
+    try:
+        if "ckpt" not in args:
+            raise SSLabError("pass ckpt=PATH (a DINO-family checkpoint written by train.py) [out=FILE.json]")
+        out = export_pseudo_masks(
+            args.ckpt,
+            split=str(args.get("split", "train")),
+            out_json=args.get("out"),
+            n_masks=int(args.get("n_masks", 3)),
+            tau=float(args.get("tau", 0.15)),
+            batch_size=int(args.get("batch_size", 64)),
+            device=str(args.get("device", "auto")),
+            random_init=bool(args.get("random_init", False)),
+            data_overrides=OmegaConf.to_container(args.data) if "data" in args else None,
+        )
+    except SSLabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    n = len(json.loads(out.read_text())["annotations"])
+    print(f"wrote {n} pseudo-masks to {out}")
+
+
+if __name__ == "__main__":
+    main()
