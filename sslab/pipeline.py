@@ -36,6 +36,10 @@ def train_stage(stage_dir: Path, overrides: list[str], params: dict[str, Any], *
     (an earlier stage's checkpoint) initialises its backbone. Resumes from its own last.ckpt if present."""
     from sslab.train import train
 
+    if params.get("ckpt"):  # a given checkpoint stands in for this stage (e.g. pipeline.dino_ckpt=PATH)
+        if not Path(params["ckpt"]).is_file():
+            raise SSLabError(f"{params['ckpt']}: no such checkpoint; pass a .ckpt written by train.py")
+        return {"ckpt": str(params["ckpt"]), "metrics": {}}
     stage_overrides = [*overrides, *params.get("overrides", [])]
     if "init_from" in inputs:
         stage_overrides.append(f"init_from={inputs['init_from']}")

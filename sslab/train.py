@@ -173,6 +173,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             f"{cfg.method.name} {backbone_label(cfg.backbone)} (trained)": {
                 "k-NN top-1": metrics.get("eval/knn_top1"),
                 "linear top-1": metrics.get("eval/linear_top1"),
+                "zero-shot top-1": metrics.get("eval/zero_shot_top1"),
             }
         }
         if "baseline/random_init_knn_top1" in metrics:
@@ -184,7 +185,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         print_table(
             f"{dm.name} test set ({n_test} images), {trainer.global_step} steps in {elapsed:.0f} s",
             rows,
-            ["k-NN top-1", "linear top-1"],
+            ["k-NN top-1", "linear top-1"]
+            + (["zero-shot top-1"] if "eval/zero_shot_top1" in metrics else []),
         )
         print(f"run directory: {run_dir}")
         print_json_line(metrics)

@@ -146,3 +146,52 @@ def test_last_checkpoint_holds_the_final_step(tmp_path):
     metrics = train(cfg)
     last = Path(metrics["run_dir"]) / "checkpoints" / "last.ckpt"
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 6
+
+
+@pytest.mark.slow
+def test_cutler_pipeline_runs_every_stage_on_a_tiny_stamps_build(tmp_path):
+    # the shipped pipeline config, with tiny budgets: DINO -> MaskCut (+ random baseline) -> detector
+    # rounds 0..2 with self-training labels between them; every discovery stage reports its metrics
+    pytest.importorskip("pycocotools")
+    if not Path("/usr/share/tuxpaint/stamps").is_dir():
+        pytest.skip("needs Debian's tuxpaint-stamps-default (make install-stamps)")
+    spec = OmegaConf.load(CONF / "pipeline" / "cutler.yaml")
+    for stage in spec.stages:
+        if stage.kind == "detector":
+            stage.params.max_steps, stage.params.batch_size = 2, 2
+    data = ["data.num_train=12", "data.num_test=6", "data.gnome=false", f"data.root={tmp_path}/stamps"]
+    common = [*data, "++backbone.depth=2", "data.batch_size=8", "logger=[csv]", "callbacks=[]"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        from hydra import compose
+
+        cfg = compose("config", overrides=[f"paths.output_dir={tmp_path}"])
+        with open_dict(cfg):
+            cfg.pipeline = spec
+            cfg.pipeline.overrides = [
+                *spec.overrides,
+                *common,
+                "trainer.max_steps=2",
+                "trainer.enable_progress_bar=false",
+                "final_eval.baselines=false",
+            ]
+        done = run_pipeline(cfg, tmp_path / "pipe")
+
+    assert list(done) == [
+        "dino",
+        "maskcut_random",
+        "maskcut",
+        "round0",
+        "labels1",
+        "round1",
+        "labels2",
+        "round2",
+    ]
+    for stage in ("maskcut_random", "maskcut", "round0", "round1", "round2"):
+        metrics = done[stage]["metrics"]
+        assert set(metrics) >= {"discovery/box_ap50", "discovery/mask_ap50", "discovery/corloc"}, stage
+        assert all(0.0 <= v <= 100.0 for v in metrics.values()), (stage, metrics)
+    assert "json" not in done["maskcut_random"]  # the baseline exports no training labels
+    round1 = torch.load(done["round1"]["ckpt"], map_location="cpu", weights_only=False)
+    assert round1["hyper_parameters"]["drop_iou"] is None  # self-training rounds use the plain loss
+    labels = json.loads(Path(done["labels1"]["json"]).read_text())
+    assert len(labels["images"]) == 12
