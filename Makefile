@@ -54,6 +54,7 @@ bench: install-bench
 	$(PYTHON) bench/views.py
 	$(PYTHON) bench/mae_step.py
 	$(PYTHON) bench/ddp_scaling.py
+	$(PYTHON) bench/maskcut.py
 
 lint:
 	ruff check . && ruff format --check .
