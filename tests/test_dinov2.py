@@ -150,10 +150,7 @@ def test_dinov2_trains_with_falling_loss(tiny_cfg, tmp_path):
 
 
 RANK_SCRIPT = """
-import sys, torch, torch.distributed as dist
 from sslab.modules.sinkhorn import sinkhorn_knopp
-rank, port, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
 part = torch.load(path).split((7, 4))[rank]
 torch.save(sinkhorn_knopp(part, 0.1, 3), f"{path}.{rank}")
 dist.destroy_process_group()
@@ -164,28 +161,11 @@ dist.destroy_process_group()
 def test_sinkhorn_over_two_ranks_equals_one_process_on_the_global_batch(tmp_path):
     # ranks hold unequal shares (as masked patch tokens do): the all-reduced sums and sample count make the
     # result identical to Sinkhorn-Knopp over the concatenated batch in one process
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
+    from tests.gloo import run_two_ranks
 
     torch.manual_seed(0)
     logits = torch.randn(11, 6)
     path = tmp_path / "logits.pt"
     torch.save(logits, path)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", RANK_SCRIPT, str(r), port, str(path)], env=env, stderr=subprocess.PIPE
-        )
-        for r in (0, 1)
-    ]
-    for p in procs:
-        assert p.wait(timeout=120) == 0, p.stderr.read().decode()[-2000:]
-    together = torch.cat([torch.load(f"{path}.{r}") for r in (0, 1)])
+    together = torch.cat(run_two_ranks(RANK_SCRIPT, path))
     assert torch.allclose(together, sinkhorn_knopp(logits, 0.1, 3), atol=1e-6)

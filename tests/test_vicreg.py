@@ -60,10 +60,7 @@ def test_expander_layout():
 
 
 VICREG_RANK_SCRIPT = """
-import sys, torch, torch.distributed as dist
 from sslab.modules.vicreg_loss import vicreg_loss
-rank, port, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
 z1, z2 = (t.split(4)[rank].clone().requires_grad_() for t in torch.load(path))
 loss, _ = vicreg_loss(z1, z2)
 loss.backward()
@@ -77,32 +74,13 @@ def test_vicreg_over_two_ranks_equals_one_process_on_the_global_batch(tmp_path):
     # variance and covariance see both ranks' rows (all_gather with gradients): the mean of the rank losses is
     # the one-process loss on the global batch, and each rank's gradient / world size (DDP's average) is that
     # loss's gradient for its rows
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
+    from tests.gloo import run_two_ranks
 
     torch.manual_seed(0)
     z1, z2 = torch.randn(8, 5), torch.randn(8, 5)
     path = tmp_path / "z.pt"
     torch.save((z1, z2), path)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", VICREG_RANK_SCRIPT, str(r), port, str(path)],
-            env=env,
-            stderr=subprocess.PIPE,
-        )
-        for r in (0, 1)
-    ]
-    for p in procs:
-        assert p.wait(timeout=120) == 0, p.stderr.read().decode()[-2000:]
-    ranks = [torch.load(f"{path}.{r}") for r in (0, 1)]
+    ranks = run_two_ranks(VICREG_RANK_SCRIPT, path)
 
     f1, f2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
     loss, _ = vicreg_loss(f1, f2)

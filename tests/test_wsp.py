@@ -7,10 +7,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,7 +19,8 @@ from sslab.errors import SSLabError
 from sslab.evaluation.zero_shot import has_text_tower, prompt_ensemble, zero_shot_predict
 from sslab.modules.clip_loss import LogitScale, symmetric_info_nce
 from sslab.modules.text_tower import TextTower, eos_positions
-from tests.conftest import CONF, ROOT, TINY
+from tests.conftest import CONF, TINY
+from tests.gloo import run_two_ranks
 
 # TINY minus its DINO head sizes, which WSP does not have
 WSP_TINY = [o for o in TINY if not o.startswith("method.")]
@@ -241,10 +238,7 @@ def test_zero_shot_callback_is_a_no_op_without_a_text_tower(tmp_path):
 
 # -- DDP -------------------------------------------------------------------------------------------------
 CLIP_RANK_SCRIPT = """
-import sys, torch, torch.distributed as dist
 from sslab.modules.clip_loss import clip_loss
-rank, port, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
 img, txt, t = torch.load(path)
 img, txt = (x.split(3)[rank].clone().requires_grad_() for x in (img, txt))
 t = t.clone().requires_grad_()
@@ -266,19 +260,7 @@ def test_clip_loss_over_two_ranks_equals_one_process_on_the_global_batch(tmp_pat
     t = torch.tensor(math.log(1 / 0.07))
     path = tmp_path / "feats.pt"
     torch.save((img, txt, t), path)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", CLIP_RANK_SCRIPT, str(r), port, str(path)], env=env, stderr=subprocess.PIPE
-        )
-        for r in (0, 1)
-    ]
-    for p in procs:
-        assert p.wait(timeout=120) == 0, p.stderr.read().decode()[-2000:]
-    ranks = [torch.load(f"{path}.{r}") for r in (0, 1)]
+    ranks = run_two_ranks(CLIP_RANK_SCRIPT, path)
 
     fi, ft, ts = img.clone().requires_grad_(), txt.clone().requires_grad_(), t.clone().requires_grad_()
     loss = symmetric_info_nce(fi, ft, ts.exp())
