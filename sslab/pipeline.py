@@ -49,6 +49,10 @@ def train_stage(stage_dir: Path, overrides: list[str], params: dict[str, Any], *
         cfg.run_dir = str(stage_dir)
         cfg.resume = str(last) if last.is_file() else None
         cfg.pipeline = None
+        wandb = (cfg.get("logger") or {}).get("wandb")
+        if wandb is not None:  # one W&B group per pipeline, the stage as the job type
+            wandb.group = wandb.group or str(stage_dir.parent)[-128:]
+            wandb.job_type = wandb.job_type or stage_dir.name
     metrics = train(cfg)
     return {"ckpt": str(last), "metrics": _scalars(metrics)}
 

@@ -62,7 +62,9 @@ def test_stages_hand_over_checkpoints(tmp_path):
 
         cfg = compose("config", overrides=[f"paths.output_dir={tmp_path}"])
         with open_dict(cfg):
-            cfg.pipeline = OmegaConf.create({**TWO_STAGE, "overrides": [*GENERIC, "trainer.max_steps=3"]})
+            cfg.pipeline = OmegaConf.create(
+                {**TWO_STAGE, "overrides": [*GENERIC, "logger=[csv,wandb]", "trainer.max_steps=3"]}
+            )
         done = run_pipeline(cfg, tmp_path / "pipe")
 
     first, second = Path(done["first"]["ckpt"]), Path(done["second"]["ckpt"])
@@ -71,6 +73,8 @@ def test_stages_hand_over_checkpoints(tmp_path):
     saved = torch.load(second, map_location="cpu", weights_only=False)
     assert saved["sslab_config"]["init_from"] == str(first)
     assert saved["sslab_config"]["method"]["name"] == "dino" and saved["global_step"] == 3
+    wandb = saved["sslab_config"]["logger"]["wandb"]  # the dashboard groups a pipeline's stages
+    assert wandb["group"] == str(tmp_path / "pipe") and wandb["job_type"] == "second"
 
     # What init_from did at the start of stage 2: student and teacher both equal MAE's encoder.
     dino_cfg = make_cfg(tmp_path, "method=dino")
