@@ -164,8 +164,13 @@ def pipeline_main(cfg: DictConfig) -> dict[str, dict]:
         pipeline_dir = run_dir_of(cfg)
     done = run_pipeline(cfg, pipeline_dir)
     columns = list(cfg.pipeline.get("report") or [])
-    rows = {stage: {c: outputs.get("metrics", {}).get(c) for c in columns} for stage, outputs in done.items()}
-    if columns:
-        print_table(f"pipeline {name}", rows, columns)
+    label = {c: c.rsplit("/", 1)[-1] for c in columns}  # eval/knn_top1 -> knn_top1
+    rows = {
+        stage: {label[c]: outputs["metrics"][c] for c in columns if c in outputs.get("metrics", {})}
+        for stage, outputs in done.items()
+    }
+    rows = {stage: values for stage, values in rows.items() if values}  # stages that report something
+    if rows:
+        print_table(f"pipeline {name}", rows, list(label.values()))
     print(f"pipeline directory: {pipeline_dir}")
     return done
