@@ -13,11 +13,17 @@ import torch
 
 from tests.conftest import ROOT
 
-# Every rank script starts from this: argv = rank, port, path of the shared inputs.
+# Every rank script starts from this (argv = rank, port, path of the shared inputs) and ends with DONE.
 PREAMBLE = """
 import sys, torch, torch.distributed as dist
 rank, port, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+"""
+
+
+DONE = """
+dist.barrier()
+dist.destroy_process_group()
 """
 
 
@@ -29,7 +35,7 @@ def run_two_ranks(script: str, path: Path) -> list[Any]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", PREAMBLE + script, str(r), port, str(path)],
+            [sys.executable, "-c", PREAMBLE + script + DONE, str(r), port, str(path)],
             env=env,
             stderr=subprocess.PIPE,
         )

@@ -153,7 +153,6 @@ RANK_SCRIPT = """
 from sslab.modules.sinkhorn import sinkhorn_knopp
 part = torch.load(path).split((7, 4))[rank]
 torch.save(sinkhorn_knopp(part, 0.1, 3), f"{path}.{rank}")
-dist.destroy_process_group()
 """
 
 

@@ -65,7 +65,6 @@ z1, z2 = (t.split(4)[rank].clone().requires_grad_() for t in torch.load(path))
 loss, _ = vicreg_loss(z1, z2)
 loss.backward()
 torch.save({"loss": loss.detach(), "g1": z1.grad, "g2": z2.grad}, f"{path}.{rank}")
-dist.destroy_process_group()
 """
 
 

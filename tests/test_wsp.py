@@ -245,7 +245,6 @@ t = t.clone().requires_grad_()
 loss = clip_loss(img, txt, t.exp())
 loss.backward()
 torch.save({"loss": loss.detach(), "gi": img.grad, "gt": txt.grad, "gs": t.grad}, f"{path}.{rank}")
-dist.destroy_process_group()
 """
 
 

@@ -41,7 +41,7 @@ def vicreg_terms(
     """The three unweighted terms for embeddings (B, D) of two views; computed in fp32."""
     z1, z2 = z1.float(), z2.float()
     invariance = F.mse_loss(z1, z2)
-    g1, g2 = gather_with_grad(z1), gather_with_grad(z2)
+    g1, g2 = gather_with_grad(torch.cat([z1, z2], dim=1)).chunk(2, dim=1)  # one collective for both views
     variance = (variance_term(g1, gamma, eps) + variance_term(g2, gamma, eps)) / 2
     covariance = covariance_term(g1) + covariance_term(g2)
     return {"invariance": invariance, "variance": variance, "covariance": covariance}
