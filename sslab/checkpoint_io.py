@@ -50,3 +50,35 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
     ) -> None:
         atomic_torch_save(checkpoint, path)
+
+
+def read_checkpoint(path: str | Path, option: str = "ckpt") -> dict[str, Any]:
+    """A checkpoint written by train.py, loaded on the CPU; ``option`` names the setting that pointed at it
+    (``ckpt``, ``init_from``) so each failure is one line that says what to pass instead."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise SSLabError(
+            f"{option}={path}: no such file; pass a .ckpt written by train.py (runs keep them in checkpoints/)"
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise SSLabError(
+            f"{option}={path} could not be read ({type(e).__name__}); is it a complete train.py checkpoint?"
+        ) from e
+    if "sslab_config" not in ckpt:
+        raise SSLabError(
+            f"{option}={path} has no sslab_config; pass a checkpoint written by sslab's train.py"
+        )
+    return ckpt
+
+
+def save_final_checkpoint(trainer: Any, last: Path) -> None:
+    """Make last.ckpt hold the final step: Lightning skips it at train end when a periodic checkpoint was
+    written earlier in the run, which would hand a stale model to ``init_from``, eval.py or the next round."""
+    saved_step = None
+    if last.is_file():
+        saved_step = torch.load(last, map_location="cpu", weights_only=False, mmap=True).get("global_step")
+    saved_step = trainer.strategy.broadcast(saved_step)
+    if saved_step != trainer.global_step:
+        trainer.save_checkpoint(last)

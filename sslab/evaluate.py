@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sslab.backbones.flexi import flexible_backbones, set_eval_patch_size
 from sslab.build import build_datamodule, build_method
+from sslab.checkpoint_io import read_checkpoint
 from sslab.errors import SSLabError
 from sslab.evaluation.features import extract
 from sslab.evaluation.finetune import finetune
@@ -23,22 +24,7 @@ ALL = ("knn", "linear")  # eval=all (+ zero_shot for image-text methods); fine-t
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise SSLabError(
-            f"ckpt={path}: no such file; pass a .ckpt written by train.py (runs keep them in checkpoints/)"
-        )
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise SSLabError(
-            f"ckpt={path} could not be read ({type(e).__name__}); is it a complete train.py checkpoint?"
-        ) from e
-    if "sslab_config" not in ckpt:
-        raise SSLabError(
-            f"ckpt={path} has no sslab_config; only checkpoints written by sslab's train.py can be evaluated"
-        )
-    return ckpt
+    return read_checkpoint(path, "ckpt")
 
 
 def selected_evals(choice: str | list[str]) -> list[str]:

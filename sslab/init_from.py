@@ -12,35 +12,31 @@ from typing import Any
 import torch
 from torch import nn
 
+from sslab.checkpoint_io import read_checkpoint
 from sslab.errors import SSLabError
 
 
-def load_eval_backbone_state(ckpt_path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(backbone config, state dict) of the evaluation encoder stored in a train.py checkpoint."""
-    path = Path(ckpt_path).expanduser()
-    if not path.is_file():
-        raise SSLabError(f"init_from={path}: no such file; pass a .ckpt written by train.py")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise SSLabError(
-            f"init_from={path} could not be read ({type(e).__name__}); is the file complete?"
-        ) from e
-    if "sslab_config" not in ckpt:
-        raise SSLabError(
-            f"init_from={path} has no sslab_config; pass a checkpoint written by sslab's train.py"
-        )
+def load_eval_backbone_state(
+    ckpt_path: str | Path, checkpoint: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(backbone config, state dict) of the evaluation encoder stored in a train.py checkpoint (read from
+    ``ckpt_path`` unless the caller already holds it as ``checkpoint``)."""
+    ckpt = checkpoint if checkpoint is not None else read_checkpoint(ckpt_path, "init_from")
     prefix = ckpt.get("sslab_eval_backbone", "backbone.")
     state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     if not state:
-        raise SSLabError(f"init_from={path}: no weights under {prefix!r}; the checkpoint holds no encoder")
+        raise SSLabError(
+            f"init_from={ckpt_path}: no weights under {prefix!r}; the checkpoint holds no encoder"
+        )
     return dict(ckpt["sslab_config"]["backbone"]), state
 
 
-def init_backbone(backbone: nn.Module, ckpt_path: str | Path) -> dict[str, Any]:
+def init_backbone(
+    backbone: nn.Module, ckpt_path: str | Path, checkpoint: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Copy the checkpoint's evaluation encoder into ``backbone``; a different architecture is refused in
     one line rather than half-loaded."""
-    source_cfg, state = load_eval_backbone_state(ckpt_path)
+    source_cfg, state = load_eval_backbone_state(ckpt_path, checkpoint)
     own = backbone.state_dict()
     missing = sorted(set(own) - set(state))
     mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]

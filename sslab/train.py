@@ -21,7 +21,7 @@ from pytorch_lightning.loggers import WandbLogger
 from sslab import cluster
 from sslab.build import build_datamodule, build_method
 from sslab.callbacks.preemption import Preempted, Preemption
-from sslab.checkpoint_io import AtomicCheckpointIO
+from sslab.checkpoint_io import AtomicCheckpointIO, save_final_checkpoint
 from sslab.evaluation.features import extract, raw_pixels
 from sslab.evaluation.knn import knn_accuracy
 from sslab.precision import check_precision, compile_model
@@ -93,17 +93,6 @@ def baseline_knn(cfg: DictConfig, dm, k: int, temperature: float) -> dict[str, f
     test, test_y = extract(raw_pixels, test_loader)
     out["raw_pixels"] = knn_accuracy(bank, bank_y, test, test_y, k, temperature)
     return out
-
-
-def save_final_checkpoint(trainer: pl.Trainer, last: Path) -> None:
-    """Make last.ckpt hold the final step: Lightning skips it at train end when a periodic checkpoint was
-    written earlier in the run, which would hand a stale encoder to ``init_from`` and eval.py."""
-    saved_step = None
-    if last.is_file():
-        saved_step = torch.load(last, map_location="cpu", weights_only=False, mmap=True).get("global_step")
-    saved_step = trainer.strategy.broadcast(saved_step)
-    if saved_step != trainer.global_step:
-        trainer.save_checkpoint(last)
 
 
 def uninstall_signal_handlers(trainer: pl.Trainer) -> None:

@@ -132,12 +132,13 @@ def load_backbone(ckpt_path: str | Path, random_init: bool = False) -> tuple[nn.
     from sslab.evaluate import load_checkpoint
     from sslab.init_from import init_backbone
 
-    run_cfg = OmegaConf.create(load_checkpoint(ckpt_path)["sslab_config"])
+    ckpt = load_checkpoint(ckpt_path)
+    run_cfg = OmegaConf.create(ckpt["sslab_config"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(run_cfg.get("seed", 0)))
         backbone = build_backbone(run_cfg)
     if not random_init:
-        init_backbone(backbone, ckpt_path)
+        init_backbone(backbone, ckpt_path, ckpt)  # the checkpoint already read above
     return backbone.eval(), run_cfg
 
 

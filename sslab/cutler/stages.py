@@ -23,10 +23,11 @@ from sslab.pipeline import register_stage_kind
 
 
 def pipeline_data(overrides: list[str]):
-    """The data module every stage of this pipeline uses (the pipeline's overrides pick it)."""
-    dm = build_datamodule(compose(config_name="config", overrides=overrides))
+    """The pipeline's config and the data module every stage uses (the pipeline's overrides pick it)."""
+    cfg = compose(config_name="config", overrides=overrides)
+    dm = build_datamodule(cfg)
     dm.setup()
-    return dm
+    return cfg, dm
 
 
 def discovery_percent(gt_json: Path, predictions: list[dict] | Path) -> dict[str, float]:
@@ -38,7 +39,7 @@ def maskcut_stage(
 ) -> dict[str, Any]:
     """Pseudo-masks for the train split (``export_train``) and MaskCut alone scored on the test split;
     ``random_init: true`` gives the random-feature baseline (same architecture, no training)."""
-    dm = pipeline_data(overrides)
+    _, dm = pipeline_data(overrides)
     opts = {
         "n_masks": int(params.get("n_masks", 3)),
         "tau": float(params.get("tau", 0.15)),
@@ -63,7 +64,7 @@ def detector_stage(
 ) -> dict[str, Any]:
     """Train the class-agnostic detector on ``train_json`` (round 0 from the DINO encoder, later rounds from
     the previous detector), resuming from its own last.ckpt, then score it on the test split."""
-    dm = pipeline_data(overrides)
+    cfg, dm = pipeline_data(overrides)
     _, root = coco_source(dm, "train")
     test_gt, _ = coco_source(dm, "test")
     options = {k: v for k, v in params.items() if k not in ("max_steps", "batch_size", "lr", "copy_paste")}
@@ -79,7 +80,7 @@ def detector_stage(
             batch_size=int(params["batch_size"]),
             lr=float(params["lr"]),
             copy_paste=bool(params.get("copy_paste", False)),
-            seed=int(compose(config_name="config", overrides=overrides).seed),
+            seed=int(cfg.seed),
             init_detector=init_detector,
             callbacks=[preemption],
             **options,
@@ -95,7 +96,7 @@ def self_train_stage(
 ) -> dict[str, Any]:
     """The next round's labels: the detector's confident predictions on the train images, plus the previous
     pseudo-masks that none of them overlaps (``sslab.cutler.self_training``)."""
-    dm = pipeline_data(overrides)
+    _, dm = pipeline_data(overrides)
     _, root = coco_source(dm, "train")
     predictions = predict(Path(ckpt), root, Path(prev_json))
     out = self_training_json(

@@ -29,7 +29,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
 from sslab import backbones
-from sslab.checkpoint_io import AtomicCheckpointIO
+from sslab.checkpoint_io import AtomicCheckpointIO, save_final_checkpoint
 from sslab.cutler.detector import IMAGENET_MEAN, IMAGENET_STD, build_detector
 from sslab.cutler.detector_data import (
     CocoInstances,
@@ -259,12 +259,7 @@ def train_detector(
     )
     ckpt_path = str(last) if resume and last.is_file() else None
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
-    if (
-        not last.is_file()
-        or torch.load(last, map_location="cpu", weights_only=False, mmap=True)["global_step"]
-        != trainer.global_step
-    ):
-        trainer.save_checkpoint(last)  # the final weights, when max_steps is not a checkpoint step
+    save_final_checkpoint(trainer, last)  # the final weights, when max_steps is not a checkpoint step
     return last
 
 
