@@ -199,3 +199,33 @@ def test_linear_probe_reads_values_that_features_encode():
     probe, values = fit_probe(feats, labels, epochs=60, lr=0.05, batch_size=64)
     assert [v.tolist() for v in values] == [[0, 10, 20, 30, 40], [100, 101, 102]]
     assert (predict_values(probe, values, feats) == labels).all()
+
+
+def test_probe_features_pool_cls_mean_or_both(tmp_path):
+    """atari_probe.pool: cls is the method's embed, mean averages the last layer's patch tokens, cls+mean
+    concatenates them; an unknown pool is refused in one line."""
+    from hydra import compose, initialize_config_dir
+
+    from sslab.augment.multicrop import eval_view
+    from sslab.build import build_datamodule, build_method
+    from sslab.evaluation.atari_probe import pooled_embed
+    from tests.conftest import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            "config", overrides=["method=vicreg", "data.source=embedded", f"paths.output_dir={tmp_path}"]
+        )
+    torch.manual_seed(0)
+    model = build_method(cfg, build_datamodule(cfg))
+    images = torch.randint(0, 256, (5, len(model.data.mean), 28, 28), dtype=torch.uint8)
+    with torch.no_grad():
+        x = eval_view(images, model.data.image_size, model.data.mean, model.data.std)
+        model.eval()
+        tokens = model.eval_backbone().forward_tokens(x)
+    cls, mean = tokens["cls"], tokens["patch"].mean(1)
+    assert not torch.allclose(cls, mean)
+    assert torch.allclose(pooled_embed(model, "cls")(images), cls, atol=1e-6)
+    assert torch.allclose(pooled_embed(model, "mean")(images), mean, atol=1e-6)
+    assert torch.allclose(pooled_embed(model, "cls+mean")(images), torch.cat([cls, mean], 1), atol=1e-6)
+    with pytest.raises(SSLabError, match=r"atari_probe\.pool='max': choose one of cls, mean, cls\+mean"):
+        pooled_embed(model, "max")

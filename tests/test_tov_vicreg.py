@@ -95,6 +95,42 @@ def test_observation_views_keep_the_frame_stack_apart():
         assert (means[:, 0] < means[:, 1]).all() and (means[:, 1] < means[:, 2]).all()
 
 
+def test_shift_views_are_replicate_padded_crops_at_most_pad_pixels_away():
+    """crop=shift (DrQ): each view is exactly an 80 px window of the 84 px stack padded by 4 replicated pixels,
+    so its offset from the centre is at most 2 + 4 = 6 px and the scale is unchanged."""
+    torch.manual_seed(0)
+    img = torch.randint(0, 256, (6, 3, 84, 84), dtype=torch.uint8)
+    views = ObservationViews(
+        80,
+        [0.0] * 3,
+        [1.0] * 3,
+        crop="shift",
+        shift_pad=4,
+        jitter_p=0.0,
+        flip_p=0.0,
+        blur_p=(0.0, 0.0),
+        solarize_p=(0.0, 0.0),
+    )(img)
+    padded = torch.nn.functional.pad(img.float() / 255, (4, 4, 4, 4), mode="replicate")
+    offsets = set()
+    for v in views:
+        for b in range(len(img)):
+            hits = [
+                (i, j)
+                for i in range(13)
+                for j in range(13)
+                if torch.allclose(padded[b, :, i : i + 80, j : j + 80], v[b], atol=1e-6)
+            ]
+            assert len(hits) == 1, hits
+            offsets.add(hits[0])
+    assert len(offsets) > 1  # the shifts are drawn per image
+
+
+def test_unknown_crop_is_refused():
+    with pytest.raises(SSLabError, match=r"method\.views\.crop='centre': choose resized, shift or none"):
+        ObservationViews(80, [0.5] * 3, [0.5] * 3, crop="centre")
+
+
 # -- real runs -------------------------------------------------------------------------------------------
 
 

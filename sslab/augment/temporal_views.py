@@ -7,6 +7,11 @@ and greyscale only (no crop). Our observations are 3 stacked greyscale frames, s
 time steps: saturation, hue and greyscale conversion would mix frames of different times. They are off by
 default (``saturation``, ``hue``, ``grayscale_p`` restore the official recipe); brightness and contrast act on
 all three frames alike and stay on.
+
+``crop="shift"`` replaces the resized crop by DrQ's random shift (Kostrikov, Yarats & Fergus, 2021: pad by
+``shift_pad`` pixels replicating the border, then crop back to ``size``): sprites move by a few pixels but keep
+their scale, so positions survive in what two views share. ``crop="none"`` keeps the evaluation's centre crop
+(the views then differ only photometrically).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 from torch import nn
 
 from sslab.augment.multicrop import eval_view, normalize, to_float
+from sslab.errors import SSLabError
 
 
 def _jitter(brightness: float, contrast: float, saturation: float, hue: float, p: float) -> list[nn.Module]:
@@ -35,7 +41,9 @@ class ObservationViews(nn.Module):
         mean: Sequence[float],
         std: Sequence[float],
         num_views: int = 2,
+        crop: str = "resized",
         scale: Sequence[float] = (0.08, 1.0),
+        shift_pad: int = 4,
         flip_p: float = 0.5,
         brightness: float = 0.4,
         contrast: float = 0.4,
@@ -50,12 +58,17 @@ class ObservationViews(nn.Module):
     ) -> None:
         super().__init__()
         self.size, self.mean, self.std = size, list(mean), list(std)
+        if crop not in ("resized", "shift", "none"):
+            raise SSLabError(f"method.views.crop={crop!r}: choose resized, shift or none")
         pipelines = []
         for i in range(num_views):
-            ops: list[nn.Module] = [
-                K.RandomResizedCrop((size, size), scale=tuple(scale), resample="BICUBIC"),
-                *_jitter(brightness, contrast, saturation, hue, jitter_p),
-            ]
+            if crop == "resized":
+                cropper = K.RandomResizedCrop((size, size), scale=tuple(scale), resample="BICUBIC")
+            elif crop == "shift":
+                cropper = K.RandomCrop((size, size), padding=shift_pad, padding_mode="replicate")
+            else:
+                cropper = K.CenterCrop((size, size))
+            ops: list[nn.Module] = [cropper, *_jitter(brightness, contrast, saturation, hue, jitter_p)]
             if grayscale_p > 0:
                 ops.append(K.RandomGrayscale(p=grayscale_p))
             bp = blur_p[min(i, len(blur_p) - 1)]

@@ -10,12 +10,16 @@ change a prediction's correctness: the classifier's outputs are the byte values 
 256-way head would only add classes it never sees a positive example of), and features are standardised with
 probe-train statistics first. AtariARI's multi-variable F1 helper passes (pred, true) to scikit-learn in swapped
 order, which weights by predicted support; here the weights are the true supports (the usual definition).
+
+``pool`` picks the frozen feature: ``cls`` (the method's ``embed``, as AtariARI probes the encoder's output
+vector and the official TOV-VICReg code its CLS token), ``mean`` (the mean of the last layer's patch tokens) or
+``cls+mean`` (both, concatenated). Every encoder in a table, random init included, is probed the same way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,7 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslab.data.atari_games import ram_labels
+from sslab.errors import SSLabError
 from sslab.evaluation.linear import Standardize
+
+if TYPE_CHECKING:
+    from sslab.methods.base import SSLMethod
 
 
 def weighted_f1(pred: torch.Tensor, target: torch.Tensor) -> float:
@@ -115,6 +123,25 @@ def embed_all(
     )
 
 
+POOLS = ("cls", "mean", "cls+mean")
+
+
+def pooled_embed(model: SSLMethod, pool: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 observations -> frozen features of ``model``'s evaluation encoder, pooled as ``pool`` says."""
+    if pool not in POOLS:
+        raise SSLabError(f"atari_probe.pool={pool!r}: choose one of {', '.join(POOLS)}")
+    if pool == "cls":
+        return model.embed_uint8
+    backbone = model.eval_backbone()
+
+    def pooled(x: torch.Tensor) -> torch.Tensor:
+        tokens = backbone.forward_tokens(x)
+        mean = tokens["patch"].mean(1)
+        return mean if pool == "mean" else torch.cat([tokens["cls"], mean], 1)
+
+    return lambda images: model.embed_uint8(images, features=pooled)
+
+
 def probe_game(
     embed: Callable[[torch.Tensor], torch.Tensor],
     game: str,
@@ -155,7 +182,6 @@ def evaluate_checkpoints(cfg) -> dict[str, Any]:
 
     from sslab.build import build_datamodule, build_method
     from sslab.data.atari import AtariDataModule
-    from sslab.errors import SSLabError
     from sslab.evaluate import load_checkpoint
     from sslab.report import print_json_line, print_table
 
@@ -170,6 +196,7 @@ def evaluate_checkpoints(cfg) -> dict[str, Any]:
     device = torch.device(auto if cfg.device == "auto" else cfg.device)
     opts = OmegaConf.to_container(cfg.atari_probe, resolve=True)
     random_init = bool(opts.pop("random_init", True))
+    pool = str(opts.pop("pool", "cls"))
     splits = {g: dm.probe_split(g) for g in dm.games}
 
     encoders = []
@@ -191,16 +218,19 @@ def evaluate_checkpoints(cfg) -> dict[str, Any]:
     for name, model in encoders:
         model.to(device)
         per_variable[name] = {
-            g: probe_game(model.embed_uint8, g, splits[g], seed=seed, **opts) for g in dm.games
+            g: probe_game(pooled_embed(model, pool), g, splits[g], seed=seed, **opts) for g in dm.games
         }
         model.cpu()
     table = {name: summarize(v) for name, v in per_variable.items()}
     sizes = ", ".join(f"{g} {len(s['train_obs'])}/{len(s['test_obs'])}" for g, s in splits.items())
     print_table(
-        f"AtariARI probe, mean F1 over state variables (train/test obs: {sizes})", table, [*dm.games, "mean"]
+        f"AtariARI probe ({pool} features), mean F1 over state variables (train/test obs: {sizes})",
+        table,
+        [*dm.games, "mean"],
     )
     metrics = {
         "ckpts": [str(p) for p in paths],
+        "pool": pool,
         "atari_probe": table,
         "atari_probe_per_variable": per_variable,
     }

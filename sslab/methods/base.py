@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,13 +118,16 @@ class SSLMethod(pl.LightningModule):
 
     # -- evaluation ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def embed_uint8(self, images: torch.Tensor) -> torch.Tensor:
-        """Features of raw uint8 images through the deterministic evaluation view, in eval mode."""
+    def embed_uint8(
+        self, images: torch.Tensor, features: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Features of raw uint8 images through the deterministic evaluation view, in eval mode; ``features``
+        (default ``embed``) maps the normalised float images to (B, D)."""
         was_training = self.training
         self.eval()
         try:
             x = eval_view(images.to(self.device), self.data.image_size, self.data.mean, self.data.std)
-            return self.embed(x).float()
+            return (features or self.embed)(x).float()
         finally:
             self.train(was_training)
 
