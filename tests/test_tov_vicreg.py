@@ -95,7 +95,7 @@ def test_observation_views_keep_the_frame_stack_apart():
         assert (means[:, 0] < means[:, 1]).all() and (means[:, 1] < means[:, 2]).all()
 
 
-def test_shift_views_are_replicate_padded_crops_at_most_pad_pixels_away():
+def test_shift_views_are_windows_of_the_replicate_padded_stack():
     """crop=shift (DrQ): each view is exactly an 80 px window of the 84 px stack padded by 4 replicated pixels,
     so its offset from the centre is at most 2 + 4 = 6 px and the scale is unchanged."""
     torch.manual_seed(0)
@@ -124,6 +124,17 @@ def test_shift_views_are_replicate_padded_crops_at_most_pad_pixels_away():
             assert len(hits) == 1, hits
             offsets.add(hits[0])
     assert len(offsets) > 1  # the shifts are drawn per image
+
+
+def test_views_without_crop_are_the_evaluation_centre_crop():
+    from sslab.augment.multicrop import eval_view
+
+    img = torch.randint(0, 256, (4, 3, 84, 84), dtype=torch.uint8)
+    views = ObservationViews(
+        80, [0.5] * 3, [0.5] * 3, crop="none", jitter_p=0.0, flip_p=0.0, blur_p=(0.0,), solarize_p=(0.0,)
+    )(img)
+    for v in views:
+        assert torch.allclose(v, eval_view(img, 80, [0.5] * 3, [0.5] * 3), atol=1e-6)
 
 
 def test_unknown_crop_is_refused():

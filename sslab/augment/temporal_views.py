@@ -9,9 +9,9 @@ default (``saturation``, ``hue``, ``grayscale_p`` restore the official recipe); 
 all three frames alike and stay on.
 
 ``crop="shift"`` replaces the resized crop by DrQ's random shift (Kostrikov, Yarats & Fergus, 2021: pad by
-``shift_pad`` pixels replicating the border, then crop back to ``size``): sprites move by a few pixels but keep
-their scale, so positions survive in what two views share. ``crop="none"`` keeps the evaluation's centre crop
-(the views then differ only photometrically).
+``shift_pad`` pixels replicating the border, then crop back to ``size``), the view used for Atari agents: sprites
+move by a few pixels but keep their scale. ``crop="none"`` keeps the evaluation's centre crop (the views then
+differ only photometrically). Neither made the RAM probe beat random init at CPU budgets (README).
 """
 
 from __future__ import annotations
