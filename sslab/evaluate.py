@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from sslab.backbones.flexi import flexible_backbones, set_eval_patch_size
 from sslab.build import build_datamodule, build_method
 from sslab.checkpoint_io import read_checkpoint
+from sslab.devices import resolve_device
 from sslab.errors import SSLabError
 from sslab.evaluation.features import extract
 from sslab.evaluation.finetune import finetune
@@ -52,11 +53,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     ckpt = load_checkpoint(cfg.ckpt)
     run_cfg = OmegaConf.create(ckpt["sslab_config"])
     run_cfg.data = OmegaConf.merge(run_cfg.data, cfg.get("data") or {})
-    device = torch.device(
-        "cuda"
-        if cfg.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if cfg.device == "auto" else cfg.device)
-    )
+    device = resolve_device(cfg.device)
     dm = build_datamodule(run_cfg)
     model = build_method(run_cfg, dm)
     model.load_state_dict(ckpt["state_dict"])

@@ -34,6 +34,23 @@ def load_coco(path: str | Path) -> dict[str, Any]:
     return coco
 
 
+def compressed_rle(segm: dict[str, Any]) -> dict[str, Any]:
+    """A compressed COCO RLE as pycocotools takes it: ``counts`` as bytes (JSON files hold them as str)."""
+    counts = segm["counts"]
+    return {"size": segm["size"], "counts": counts.encode() if isinstance(counts, str) else counts}
+
+
+def load_image(root: str | Path, file_name: str) -> torch.Tensor:
+    """uint8 (3, H, W) RGB of an image listed in a COCO JSON."""
+    path = Path(root) / file_name
+    if not path.is_file():
+        raise SSLabError(
+            f"image {path} listed in the COCO JSON is missing; check images_root or rebuild the dataset"
+        )
+    with Image.open(path) as pil:
+        return torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1).contiguous()
+
+
 def decode_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
     """A COCO segmentation (RLE with str or bytes counts, uncompressed RLE, or polygons) -> uint8 (H, W)."""
     if isinstance(segm, list):  # polygons of one object
@@ -41,8 +58,7 @@ def decode_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
     elif isinstance(segm.get("counts"), list):  # uncompressed RLE
         rle = mask_utils.frPyObjects(segm, height, width)
     else:
-        counts = segm["counts"]
-        rle = {"size": segm["size"], "counts": counts.encode() if isinstance(counts, str) else counts}
+        rle = compressed_rle(segm)
     return mask_utils.decode(rle)
 
 
@@ -72,13 +88,7 @@ class CocoInstances(Dataset):
         return len(self.images)
 
     def read_image(self, i: int) -> torch.Tensor:
-        im = self.images[i]
-        path = self.root / im["file_name"]
-        if not path.is_file():
-            raise SSLabError(f"image {path} is missing; is images_root the dataset directory?")
-        with Image.open(path) as pil:
-            arr = np.asarray(pil.convert("RGB"))
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+        return load_image(self.root, self.images[i]["file_name"])
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         im = self.images[i]

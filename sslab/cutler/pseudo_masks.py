@@ -25,28 +25,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
 from pycocotools import mask as mask_util
 from torch import nn
 
 from sslab.augment.multicrop import normalize, to_float
+from sslab.cutler.detector_data import load_image
+from sslab.devices import resolve_device
 from sslab.errors import SSLabError
 from sslab.modules.maskcut import maskcut, patch_keys, upsample_masks
 
 CATEGORIES = [{"id": 1, "name": "object"}]
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def load_image(root: Path, file_name: str) -> torch.Tensor:
-    path = Path(root) / file_name
-    if not path.is_file():
-        raise SSLabError(f"image {path} listed in the COCO JSON is missing; rebuild the dataset")
-    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).contiguous()
 
 
 def model_input(
@@ -113,12 +101,16 @@ def maskcut_annotations(
     return annotations
 
 
-def write_coco(path: str | Path, images: list[dict], annotations: list[dict], info: dict) -> Path:
+def write_coco(
+    path: str | Path, images: list[dict], annotations: list[dict], info: dict | None = None
+) -> Path:
     """COCO instances JSON with one category ("object"), written atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    payload = {"info": info, "images": images, "annotations": annotations, "categories": CATEGORIES}
+    payload = {"images": images, "annotations": annotations, "categories": CATEGORIES}
+    if info is not None:
+        payload = {"info": info, **payload}
     tmp.write_text(json.dumps(payload))
     os.replace(tmp, path)
     return path

@@ -16,7 +16,8 @@ from typing import Any
 
 from pycocotools import mask as mask_utils
 
-from sslab.cutler.detector_data import load_coco
+from sslab.cutler.detector_data import compressed_rle, load_coco
+from sslab.cutler.pseudo_masks import write_coco
 from sslab.errors import SSLabError
 
 OVERLAP_IOU = 0.5
@@ -25,8 +26,7 @@ OVERLAP_IOU = 0.5
 def _rle(segm: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(segm, dict) or isinstance(segm.get("counts"), list):
         raise SSLabError("self-training expects compressed RLE segmentations (as MaskCut and predict write)")
-    counts = segm["counts"]
-    return {"size": segm["size"], "counts": counts.encode() if isinstance(counts, str) else counts}
+    return compressed_rle(segm)
 
 
 def merge_round(
@@ -71,7 +71,8 @@ def self_training_json(
     for im in prev["images"]:
         for a in merge_round(old_by_image[im["id"]], new_by_image[im["id"]], threshold):
             rle = _rle(a["segmentation"])
-            if mask_utils.area(rle) == 0:  # a confident box whose mask is empty teaches no mask
+            area = float(mask_utils.area(rle))
+            if area == 0:  # a confident box whose mask is empty teaches no mask
                 continue
             annotations.append(
                 {
@@ -79,20 +80,10 @@ def self_training_json(
                     "image_id": im["id"],
                     "category_id": 1,
                     "bbox": [float(v) for v in a["bbox"]],
-                    "area": float(mask_utils.area(rle)),
+                    "area": area,
                     "iscrowd": 0,
                     "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode()},
                     "score": float(a.get("score", 1.0)),
                 }
             )
-    out = Path(out_json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "images": prev["images"],
-        "annotations": annotations,
-        "categories": [{"id": 1, "name": "object"}],
-    }
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload))
-    tmp.replace(out)
-    return out
+    return write_coco(out_json, prev["images"], annotations)

@@ -29,7 +29,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
 from sslab import backbones
-from sslab.checkpoint_io import AtomicCheckpointIO, save_final_checkpoint
+from sslab.checkpoint_io import AtomicCheckpointIO, read_checkpoint, save_final_checkpoint
 from sslab.cutler.detector import IMAGENET_MEAN, IMAGENET_STD, build_detector
 from sslab.cutler.detector_data import (
     CocoInstances,
@@ -38,6 +38,7 @@ from sslab.cutler.detector_data import (
     hflip,
     targets_from_masks,
 )
+from sslab.devices import resolve_device
 from sslab.errors import SSLabError
 from sslab.init_from import load_eval_backbone_state
 
@@ -144,9 +145,8 @@ class DetectorModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def _data_stats(ckpt_path: str | Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _data_stats(ckpt: dict[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The normalisation the encoder was pretrained with (the checkpoint's data config), else ImageNet's."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
     data = (ckpt.get("sslab_config") or {}).get("data") or {}
     if "mean" in data and "std" in data:
         return tuple(float(x) for x in data["mean"]), tuple(float(x) for x in data["std"])
@@ -206,13 +206,14 @@ def train_detector(
         for key in ("fpn_channels", "patch_size", "mask_pool", "rois_per_image"):  # the same architecture
             options.setdefault(key, hp.get(key))
     elif init_from is not None:
-        source_cfg, state = load_eval_backbone_state(init_from)
+        source = read_checkpoint(init_from, "init_from")
+        source_cfg, state = load_eval_backbone_state(init_from, source)
         if backbone_cfg is not None and dict(backbone_cfg) != source_cfg:
             raise SSLabError(
                 f"backbone_cfg {backbone_cfg} differs from init_from's {source_cfg}; pass backbone_cfg=None"
             )
         backbone_cfg = source_cfg
-        mean, std = _data_stats(init_from)
+        mean, std = _data_stats(source)
         options = {"mean": mean, "std": std, **options}
     elif backbone_cfg is None:
         raise SSLabError("the detector needs init_from (a DINO checkpoint) or backbone_cfg (random init)")
@@ -263,17 +264,11 @@ def train_detector(
     return last
 
 
-def _device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def load_detector(ckpt: str | Path, device: str = "auto") -> DetectorModule:
     path = Path(ckpt)
     if not path.is_file():
         raise SSLabError(f"{path}: no detector checkpoint; pass train_detector's last.ckpt")
-    return DetectorModule.load_from_checkpoint(path, map_location="cpu").to(_device(device)).eval()
+    return DetectorModule.load_from_checkpoint(path, map_location="cpu").to(resolve_device(device)).eval()
 
 
 @torch.inference_mode()

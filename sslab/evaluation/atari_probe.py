@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslab.data.atari_games import ram_labels
+from sslab.devices import resolve_device
 from sslab.errors import SSLabError
 from sslab.evaluation.linear import Standardize
 
@@ -192,8 +193,7 @@ def evaluate_checkpoints(cfg) -> dict[str, Any]:
     dm = build_datamodule(base_cfg)
     if not isinstance(dm, AtariDataModule):
         raise SSLabError(f"eval=atari_probe needs a checkpoint trained with data=atari, not data={dm.name}")
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(auto if cfg.device == "auto" else cfg.device)
+    device = resolve_device(cfg.device)
     opts = OmegaConf.to_container(cfg.atari_probe, resolve=True)
     random_init = bool(opts.pop("random_init", True))
     pool = str(opts.pop("pool", "cls"))
