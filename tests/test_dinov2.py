@@ -87,14 +87,16 @@ def _dinov2(tiny_cfg, *overrides):
 
 
 def test_layerwise_lr_decay_groups(tiny_cfg):
-    model, _ = _dinov2(tiny_cfg)  # TINY: 2 blocks; dinov2.yaml: layer_decay 0.9
+    """dinov2/utils/param_groups.py: layer-wise decay, and the patch embedding's lr x patch_embed_lr_mult."""
+    model, _ = _dinov2(tiny_cfg)  # TINY: 2 blocks; dinov2.yaml: layer_decay 0.9, patch_embed_lr_mult 0.2
     scale_of = {id(p): g["lr_scale"] for g in model.param_groups() for p in g["params"]}
     named = dict(model.backbone.named_parameters())
     expected = {
         "vit.cls_token": 0.9**3,
         "vit.pos_embed": 0.9**3,
         "mask_token": 0.9**3,
-        "vit.patch_embed.proj.weight": 0.9**3,
+        "vit.patch_embed.proj.weight": 0.9**3 * 0.2,  # DINOv2 optim.patch_embed_lr_mult
+        "vit.patch_embed.proj.bias": 0.9**3 * 0.2,
         "vit.blocks.0.attn.qkv.weight": 0.9**2,
         "vit.blocks.0.norm1.bias": 0.9**2,
         "vit.blocks.1.mlp.fc1.weight": 0.9,

@@ -125,7 +125,9 @@ def test_a_single_block_is_a_filled_rectangle():
 def test_stratified_masking_masks_exact_share_with_stratified_ratios():
     g = torch.Generator().manual_seed(4)
     n_img, n = 64, 196
-    targets = mask_targets(n_img, n, probability=0.5, ratio=(0.1, 0.5), stratified=True, generator=g)
+    targets = mask_targets(
+        n_img, n, probability=0.5, ratio=(0.1, 0.5), stratified=True, generator=g, integer_budget=True
+    )
     masked = targets[targets > 0].sort().values
     assert (targets > 0).sum() == 32  # exactly int(B * p) images masked
     edges = torch.linspace(0.1, 0.5, 33)
@@ -145,3 +147,16 @@ def test_masks_come_from_the_given_generator():
 def test_bad_masking_options_are_refused():
     with pytest.raises(ValueError, match="ratio"):
         BlockMasking(ratio=(0.6, 0.2))
+
+
+def test_ibot_budget_is_the_float_ratio_times_the_grid_and_dinov2_floors_it():
+    """bytedance/ibot ``loader.py``: ``high = get_pred_ratio() * H * W`` bounds the count as a float;
+    DINOv2 ``dinov2/data/collate.py`` passes ``int(N * uniform(lo, hi))``."""
+    g = torch.Generator().manual_seed(7)
+    ibot = mask_targets(256, 196, probability=1.0, ratio=(0.1, 0.5), generator=g)
+    assert (ibot != ibot.floor()).float().mean() > 0.9
+    g = torch.Generator().manual_seed(7)
+    dinov2 = mask_targets(256, 196, probability=1.0, ratio=(0.1, 0.5), generator=g, integer_budget=True)
+    assert torch.equal(dinov2, ibot.floor())
+    masks = block_masks(ibot, 14, 14, generator=torch.Generator().manual_seed(8))
+    assert torch.all(masks.flatten(1).sum(1) <= ibot.floor())

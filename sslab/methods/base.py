@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,12 @@ from sslab.modules.schedules import CosineSchedule, LinearWarmupSchedule
 
 log = logging.getLogger(__name__)
 SCHEDULE_TYPES = {"CosineSchedule": CosineSchedule, "LinearWarmupSchedule": LinearWarmupSchedule}
+# Peak lr = base_lr x f(global batch): DINO/iBOT/MAE scale linearly from 256 (Goyal et al., 2017); DINOv2
+# (``optim.scaling_rule: sqrt_wrt_1024``) by the square root from 1024.
+LR_SCALINGS: dict[str, Callable[[int], float]] = {
+    "linear_wrt_256": lambda batch: batch / 256,
+    "sqrt_wrt_1024": lambda batch: math.sqrt(batch / 1024),
+}
 
 
 @dataclass(frozen=True)
@@ -40,8 +47,10 @@ class NonFiniteLossError(SSLabError):
 class SSLMethod(pl.LightningModule):
     """Base LightningModule. A subclass implements ``make_views``, ``step`` and ``embed`` and may add schedules.
 
-    Optimisation follows the DINO/MAE recipes: AdamW over two parameter groups (no weight decay on
-    biases, norms and tokens), lr = ``base_lr`` x global batch / 256 with linear warm-up then cosine decay,
+    Optimisation follows the DINO/MAE recipes: AdamW over parameter groups with and without weight decay
+    (which parameters get none is the method's reference rule, ``weight_decay_rule``), lr = ``base_lr`` x
+    global batch / 256 (``lr_scaling=sqrt_wrt_1024``: x sqrt(batch / 1024), DINOv2's rule) with a linear
+    warm-up (``lr_warmup_linspace``: DINO's ``np.linspace`` form or MAE's step / warmup) then cosine decay,
     and an optional cosine weight-decay schedule. Schedules are plain objects of the global step, set by
     hand each step, and stored in checkpoints so that a resumed run continues them exactly.
     """
@@ -51,6 +60,8 @@ class SSLMethod(pl.LightningModule):
     flexi_patch_size: int | None = None  # this step's FlexiViT patch size (logged as train/patch_size)
     supports_flexi: bool = True  # False where the method's targets are tied to one patch size (MAE pixels)
     view_key: str = "image"  # the batch key the view pipeline reads (TOV-VICReg: "frames")
+    weight_decay_rule: str = "timm"  # which parameters get no weight decay (modules.param_groups)
+    lr_warmup_linspace: bool = False  # True: the lr reaches its peak at the last warm-up step (DINO, DINOv2)
 
     def __init__(
         self,
@@ -64,6 +75,8 @@ class SSLMethod(pl.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         grad_clip: float | None = None,
         layer_decay: float | None = None,
+        patch_embed_lr_mult: float = 1.0,
+        lr_scaling: str = "linear_wrt_256",
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -79,6 +92,12 @@ class SSLMethod(pl.LightningModule):
         self.betas = tuple(betas)
         self.grad_clip = grad_clip
         self.layer_decay = layer_decay
+        self.patch_embed_lr_mult = patch_embed_lr_mult
+        if lr_scaling not in LR_SCALINGS:
+            raise SSLabError(
+                f"method.lr_scaling={lr_scaling!r} is unknown; choose one of {', '.join(LR_SCALINGS)}"
+            )
+        self.lr_scaling = lr_scaling
         self.seed = seed
         self.views = self.make_views()
         self.schedules: dict[str, Any] = {}
@@ -178,7 +197,12 @@ class SSLMethod(pl.LightningModule):
     # -- optimisation --------------------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
         return adamw_param_groups(
-            self.trainable_modules(), self.weight_decay, self.layer_decay, layer_decayed=self.backbone
+            self.trainable_modules(),
+            self.weight_decay,
+            self.layer_decay,
+            layer_decayed=self.backbone,
+            rule=self.weight_decay_rule,
+            patch_embed_lr_mult=self.patch_embed_lr_mult,
         )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -191,17 +215,21 @@ class SSLMethod(pl.LightningModule):
         )
         total = int(trainer.estimated_stepping_batches)
         warmup = int(self.warmup_epochs * self.steps_per_epoch)
+        peak_lr = self.base_lr * LR_SCALINGS[self.lr_scaling](global_batch)
         configured = {
-            "lr": CosineSchedule(self.base_lr * global_batch / 256, self.min_lr, total, warmup),
+            "lr": CosineSchedule(peak_lr, self.min_lr, total, warmup, linspace=self.lr_warmup_linspace),
             "wd": CosineSchedule(self.weight_decay, self.weight_decay_end, total),
             **self.extra_schedules(total, self.steps_per_epoch),
         }
-        if not self.schedules:
-            self.schedules = configured
+        reset = (self.sslab_config or {}).get("resume_schedules") == "reset"
+        if not self.schedules or reset:  # a new run, or resume_schedules=reset: this config's schedules
+            self.schedules = configured  # indexed by the global step, so they continue from the checkpoint's
         elif self.schedules != configured:  # resumed: the checkpoint's schedules win, so the run stays exact
             changed = sorted(k for k in configured if configured[k] != self.schedules.get(k))
             log.warning(
-                "resumed run keeps the checkpoint's %s schedules; start a new run to change them", changed
+                "resumed run keeps the checkpoint's %s schedules; pass resume_schedules=reset to use this "
+                "config's instead",
+                changed,
             )
         fused = torch.cuda.is_available() and self.device.type == "cuda"
         return torch.optim.AdamW(

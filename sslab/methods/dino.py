@@ -8,9 +8,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from timm.layers import DropPath
 from torch import nn
 
 from sslab.augment import MultiCropViews
+from sslab.errors import SSLabError
 from sslab.modules.dino_loss import dino_loss, update_center
 from sslab.modules.ema import ema_update_
 from sslab.modules.heads import DINOHead
@@ -18,17 +20,29 @@ from sslab.modules.schedules import CosineSchedule, LinearWarmupSchedule
 
 from .base import SSLMethod
 
+TEMPERATURE_STEPS = ("epoch", "step")
+
 
 class DINO(SSLMethod):
     """Student and EMA teacher (backbone + DINO head) trained on multi-crop views.
 
     - The teacher sees only the global crops; the student sees all crops; same-view pairs are skipped.
+    - The teacher is the student's architecture without stochastic depth (official DINO/iBOT build it with
+      drop_path 0), starting from the student's weights. It stays in train mode, as in DINO, so a head with
+      BatchNorm normalises teacher outputs with batch statistics; ``teacher_eval_mode`` (DINOv2) keeps it
+      in eval mode instead.
     - Teacher outputs are centred (center EMA ``center_momentum`` over all ranks) and sharpened by a
-      temperature warmed up linearly from ``warmup_teacher_temp`` to ``teacher_temp``.
+      temperature warmed up linearly from ``warmup_teacher_temp`` to ``teacher_temp``; with
+      ``teacher_temp_per=epoch`` it changes once per epoch (DINO/iBOT), with ``step`` every step (DINOv2).
     - Teacher momentum follows a cosine from ``momentum_teacher`` to 1.
     - The head's last layer gets no update during the first ``freeze_last_layer_epochs`` epochs.
     - Gradients are clipped per tensor at ``grad_clip`` (3.0 in the paper).
+    - Weight decay skips biases and 1-D parameters only (DINO ``utils.get_params_groups``); the lr warm-up
+      is ``np.linspace`` (peak at the last warm-up step).
     """
+
+    weight_decay_rule = "dino"
+    lr_warmup_linspace = True
 
     def __init__(
         self,
@@ -45,6 +59,8 @@ class DINO(SSLMethod):
         teacher_temp_warmup_epochs: float = 30,
         center_momentum: float = 0.9,
         momentum_teacher: float = 0.996,
+        teacher_temp_per: str = "epoch",
+        teacher_eval_mode: bool = False,
         views: dict[str, Any] | None = None,
         **kwargs,
     ) -> None:
@@ -57,10 +73,15 @@ class DINO(SSLMethod):
             "use_bn": use_bn_in_head,
         }  # subclasses build further heads (iBOT's patch head) the same way
         self.head = DINOHead(self.backbone.embed_dim, out_dim, **self.head_kwargs)
-        self.teacher_backbone = copy.deepcopy(self.backbone)
-        self.teacher_head = copy.deepcopy(self.head)
-        for p in [*self.teacher_backbone.parameters(), *self.teacher_head.parameters()]:
-            p.requires_grad = False
+        if teacher_temp_per not in TEMPERATURE_STEPS:
+            raise SSLabError(
+                f"method.teacher_temp_per={teacher_temp_per!r} is unknown; choose one of "
+                f"{', '.join(TEMPERATURE_STEPS)}"
+            )
+        self.teacher_temp_per = teacher_temp_per
+        self.teacher_eval_mode = teacher_eval_mode
+        self.teacher_backbone = teacher_copy(self.backbone)
+        self.teacher_head = teacher_copy(self.head)
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.freeze_last_layer_epochs = freeze_last_layer_epochs
         self.student_temp = student_temp
@@ -82,11 +103,35 @@ class DINO(SSLMethod):
         return [self.backbone, self.head]
 
     def extra_schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, Any]:
-        warmup = int(self.teacher_temp_warmup_epochs * steps_per_epoch)
         return {
             "momentum": CosineSchedule(self.momentum_teacher, 1.0, total_steps),
-            "teacher_temp": LinearWarmupSchedule(self.warmup_teacher_temp, self.teacher_temp, warmup),
+            "teacher_temp": self.temperature_schedule(
+                self.warmup_teacher_temp, self.teacher_temp, self.teacher_temp_warmup_epochs, steps_per_epoch
+            ),
         }
+
+    def temperature_schedule(
+        self, start: float, end: float, warmup_epochs: float, steps_per_epoch: int
+    ) -> LinearWarmupSchedule:
+        """A teacher temperature ramp as the reference steps it: ``np.linspace(start, end, n)`` indexed by
+        the epoch over int(warmup_epochs) epochs (DINO/iBOT), or by the step over the warm-up's steps
+        (DINOv2)."""
+        if self.teacher_temp_per == "epoch":
+            epochs = int(warmup_epochs)
+            return LinearWarmupSchedule(start, end, epochs * steps_per_epoch, steps_per_epoch, linspace=True)
+        return LinearWarmupSchedule(start, end, int(warmup_epochs * steps_per_epoch), linspace=True)
+
+    def train(self, mode: bool = True) -> DINO:
+        """Lightning switches the whole module to train mode each epoch; ``teacher_eval_mode`` keeps the
+        teacher's modules in eval mode (DINOv2 ``SSLMetaArch.train``)."""
+        super().train(mode)
+        if self.teacher_eval_mode:
+            for module in self.teacher_modules():
+                module.eval()
+        return self
+
+    def teacher_modules(self) -> list[nn.Module]:
+        return [teacher for teacher, _ in self.ema_pairs()]
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return self.teacher_backbone(images)
@@ -141,6 +186,19 @@ class DINO(SSLMethod):
     def frozen_last_layers(self) -> list[nn.Module]:
         """Head output layers that get no update during the first ``freeze_last_layer_epochs``."""
         return [self.head.last_layer]
+
+
+def teacher_copy(student: nn.Module) -> nn.Module:
+    """A frozen copy of ``student`` without stochastic depth: the same parameters and buffers (so the EMA
+    pairs them one to one), with every DropPath's rate set to 0, as DINO/iBOT build their teacher with
+    drop_path_rate 0 (``main_dino.py``)."""
+    teacher = copy.deepcopy(student)
+    for module in teacher.modules():
+        if isinstance(module, DropPath):
+            module.drop_prob = 0.0
+    for p in teacher.parameters():
+        p.requires_grad = False
+    return teacher
 
 
 def features_by_resolution(backbone: nn.Module, crops: Sequence[torch.Tensor]) -> torch.Tensor:

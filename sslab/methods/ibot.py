@@ -157,6 +157,11 @@ class IBOT(DINO):
         self.patch_center.copy_(update_patch_center(self.patch_center, logits, self.center_momentum_patch))
         return probs
 
+    def cls_loss_pairs(self, n_global: int, n_local: int) -> int:
+        """What the summed CLS cross-entropies are divided by: the number of (teacher, student) pairs,
+        a plain mean as in iBOT's ``DINOLoss``. DINOv2 counts the local term as at least one pair."""
+        return n_global * (n_global - 1 + n_local)
+
     def extra_losses(self, student_global_cls: torch.Tensor) -> dict[str, torch.Tensor]:
         """Weighted extra terms on the student's global-crop CLS features (DINOv2: KoLeo)."""
         return {}
@@ -188,9 +193,10 @@ class IBOT(DINO):
         else:
             out = self.head(torch.cat([student_cls, student_patch]))
             cls_logits, patch_logits = out[: len(student_cls)], out[len(student_cls) :]
+        n_local = len(crops) - n_global
         loss_cls = cls_distillation_loss(
             list(cls_logits.chunk(len(crops))), list(cls_probs.chunk(n_global)), self.student_temp
-        )
+        ) * (n_global * (n_global - 1 + n_local) / self.cls_loss_pairs(n_global, n_local))
         loss_patch = masked_patch_loss(patch_logits, patch_probs, masks, self.student_temp, index)
         extra = self.extra_losses(student["cls"])
         loss = self.cls_loss_weight * loss_cls + self.patch_loss_weight * loss_patch + sum(extra.values())

@@ -1,8 +1,10 @@
 """Block-wise masking for masked image modeling (BEiT, Bao et al. 2022; iBOT, Zhou et al. 2022; DINOv2,
 Oquab et al. 2024).
 
-Each image gets a target count ``n = int(N * r)`` with ratio r ~ U(lo, hi); a share of the images stays
-unmasked. Rectangular blocks are added until the count is reached: a block has area ~ U(min_area,
+Each image gets a masking budget ``N * r`` with ratio r ~ U(lo, hi); a share of the images stays unmasked.
+iBOT (``loader.py``) keeps the budget as the float ``r * H * W``; DINOv2 (``collate.py``) floors it,
+``int(N * r)`` (``integer_budget``). Blocks are added while the count is below the budget, so the float
+bound allows a last block where the floored one stops. Rectangular blocks are added until the count is reached: a block has area ~ U(min_area,
 remaining), aspect ratio log-uniform in (min_aspect, 1 / min_aspect), h = round(sqrt(area * aspect)),
 w = round(sqrt(area / aspect)), must be smaller than the grid (h < H, w < W) and is accepted only if it adds
 between 1 and ``remaining`` new patches, so the count never overshoots. An image gives up after 10 failed
@@ -34,8 +36,9 @@ def mask_targets(
     ratio: tuple[float, float] = (0.1, 0.5),
     stratified: bool = False,
     generator: torch.Generator | None = None,
+    integer_budget: bool = False,
 ) -> torch.Tensor:
-    """(B,) long number of patches to mask per image.
+    """(B,) float budget of patches to mask per image (floored with ``integer_budget``).
 
     iBOT (default): each image is masked with ``probability``, its ratio ~ U(lo, hi).
     DINOv2 (``stratified``): exactly int(B * probability) images are masked, the i-th of them with a ratio
@@ -52,7 +55,8 @@ def mask_targets(
     else:
         masked = torch.rand(batch, generator=generator) < probability
         r = torch.where(masked, lo + (hi - lo) * u, torch.zeros(()))
-    return (num_patches * r).long()
+    budget = num_patches * r
+    return budget.floor() if integer_budget else budget
 
 
 def draw_blocks(
@@ -88,11 +92,12 @@ def block_masks(
     height: int,
     width: int,
     min_block_patches: int | None = None,
-    max_block_patches: int | None = None,
+    max_block_patches: float | None = None,
     min_aspect: float = 0.3,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """(B, H, W) bool masks with at most ``targets[b]`` patches each, made of rectangular blocks.
+    """(B, H, W) bool masks with at most ``targets[b]`` patches each (a float or integer budget), made of
+    rectangular blocks.
 
     ``min_block_patches`` defaults to iBOT's rule (``default_min_block``); DINOv2 uses 4. ``max_block_patches``
     caps one block (DINOv2: half the patches; iBOT: no cap).
@@ -113,7 +118,7 @@ def block_masks(
         top, left, h, w, fits = draw_blocks(allowed, height, width, min_area, min_aspect, generator)
         top, left, h, w = (t.view(b, 1, 1) for t in (top, left, h, w))
         block = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
-        new = (block & ~mask).flatten(1).sum(1)
+        new = (block & ~mask).flatten(1).sum(1)  # accepted when 0 < new <= allowed (a float bound)
         accept = active & fits & (new > 0) & (new <= allowed)
         mask |= block & accept.view(b, 1, 1)
         count += torch.where(accept, new, 0)
@@ -131,6 +136,7 @@ class BlockMasking:
         min_block_patches: int | None = None,
         max_block_fraction: float | None = None,
         stratified: bool = False,
+        integer_budget: bool = False,
     ) -> None:
         lo, hi = ratio
         if not (0.0 <= lo <= hi <= 1.0 and 0.0 <= probability <= 1.0 and 0.0 < min_aspect <= 1.0):
@@ -141,11 +147,14 @@ class BlockMasking:
         self.probability, self.ratio, self.min_aspect = probability, (lo, hi), min_aspect
         self.min_block_patches, self.max_block_fraction = min_block_patches, max_block_fraction
         self.stratified = stratified
+        self.integer_budget = integer_budget
 
     def __call__(
         self, batch: int, height: int, width: int, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         n = height * width
-        targets = mask_targets(batch, n, self.probability, self.ratio, self.stratified, generator)
-        cap = None if self.max_block_fraction is None else max(1, int(self.max_block_fraction * n))
+        targets = mask_targets(
+            batch, n, self.probability, self.ratio, self.stratified, generator, self.integer_budget
+        )
+        cap = None if self.max_block_fraction is None else max(1.0, self.max_block_fraction * n)
         return block_masks(targets, height, width, self.min_block_patches, cap, self.min_aspect, generator)

@@ -24,8 +24,8 @@ def eos_positions(tokens: torch.Tensor) -> torch.Tensor:
 class TextTower(nn.Module):
     """(B, L) int64 token ids -> (B, embed_dim) projected text features (not normalised).
 
-    Parameter names ``token_embed`` and ``pos_embed`` are in ``NO_DECAY_NAMES``, so embeddings get no weight
-    decay; norms and biases have ndim 1 and get none either. Initialisation follows CLIP's code: token
+    Weight decay follows the method's rule (WSP: timm's, as OpenCLIP's ``p.ndim < 2 or bias`` exclusion):
+    norms, biases and the logit scale get none, the embeddings are decayed. Initialisation follows CLIP's code: token
     embedding std 0.02, position embedding std 0.01, projection std width^-0.5.
     """
 
