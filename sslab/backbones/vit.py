@@ -11,6 +11,7 @@ from torch import nn
 
 from sslab.backbones.base import Backbone
 from sslab.backbones.flexi import fit_to_patch_grid, pi_resize_kernel, resize_pos_embed
+from sslab.modules.patches import sincos_2d
 
 
 class ViTBackbone(Backbone):
@@ -107,6 +108,46 @@ class ViTBackbone(Backbone):
             if prefix and n_pos_prefix:
                 prefix = [torch.cat(prefix, dim=1) + vit.pos_embed[:, :n_pos_prefix]]
         return vit.pos_drop(torch.cat([*prefix, x], dim=1))
+
+    # -- MAE's encoder recipe (opt-in; other methods keep timm's learned table and init) -------------
+    def use_fixed_sincos_pos_embed(self) -> None:
+        """Replace timm's learned position embedding by MAE's fixed one (facebookresearch/mae
+        ``util/pos_embed.py``, ``models_mae.py``): the 2-D sin-cos table of the stored patch grid (first
+        half of the channels encodes the column, second half the row), zero rows for the prefix tokens,
+        ``requires_grad=False`` so no optimizer sees it. At another grid timm's ``dynamic_img_size`` path
+        (or the FlexiViT path) interpolates it, as the official ``interpolate_pos_embed`` does."""
+        vit = self.vit
+        if vit.pos_embed is None:
+            raise ValueError("this ViT has no absolute position embedding to replace")
+        grid = tuple(vit.patch_embed.grid_size)
+        n_prefix = 0 if vit.no_embed_class else self.num_prefix_tokens
+        table = sincos_2d(self.embed_dim, grid)
+        table = torch.cat([table.new_zeros(n_prefix, self.embed_dim), table], dim=0)
+        with torch.no_grad():
+            vit.pos_embed.copy_(table.unsqueeze(0).to(vit.pos_embed.dtype))
+        vit.pos_embed.requires_grad_(False)
+
+    def init_weights_xavier(self) -> None:
+        """MAE's ``initialize_weights`` (facebookresearch/mae ``models_mae.py``) for this encoder: the patch
+        embedding kernel xavier-uniform as a linear layer (viewed as (out, in*p*p); its bias keeps PyTorch's
+        default), the cls token (and register / mask tokens, which MAE lacks) normal std 0.02, every
+        ``nn.Linear`` xavier-uniform with zero bias, every LayerNorm weight 1 and bias 0. The fixed position
+        table is left alone."""
+        w = self.vit.patch_embed.proj.weight
+        with torch.no_grad():
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        for token in (self.vit.cls_token, self.vit.reg_token, self.mask_token):
+            if token is not None:
+                nn.init.normal_(token, std=0.02)
+        for m in self.vit.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+                nn.init.ones_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     # -- forward -------------------------------------------------------------------------------------
     def forward_tokens(

@@ -42,7 +42,9 @@ class DiffMAE(MAE):
     - ``schedule=cosine`` (Nichol & Dhariwal 2021) with ``num_timesteps=1000``; ``linear`` is DDPM's betas.
       We could not check the paper's text for its schedule here (our offline copy shows only its abstract
       and figure captions), so these follow the standard improved-DDPM choices; both are options.
-    - mask ratio 0.75 and MAE's optimisation and crops, as the paper builds on MAE.
+    - mask ratio 0.75 and MAE's optimisation and crops, as the paper builds on MAE; the encoder is MAE's
+      too (inherited: fixed 2-D sin-cos position embedding, xavier init, floored kept count, timm's
+      weight-decay rule; facebookresearch/mae ``models_mae.py``, ``main_pretrain.py``).
     - ``norm_pix_loss=true``: the diffused x_0 is MAE's per-patch normalised pixels (unit scale, which suits
       a unit-variance noise process); set false to diffuse the channel-normalised pixels themselves.
     - the timestep enters as a sinusoidal embedding through an MLP, added to every noised token (as DDPM /

@@ -32,6 +32,13 @@ class MAE(SSLMethod):
     sin-cos position embeddings) predict the pixels of every patch. The loss is the MSE on the masked
     patches, against per-patch normalised pixels when ``norm_pix_loss`` (eps 1e-6).
 
+    The encoder follows the official recipe (facebookresearch/mae ``models_mae.py``, ``main_pretrain.py``):
+    a fixed 2-D sin-cos position embedding (``requires_grad=False``, zero rows for the prefix tokens; see
+    ``ViTBackbone.use_fixed_sincos_pos_embed``), ``initialize_weights``' xavier-uniform init (linear layers
+    and the patch embedding viewed as a linear layer, tokens normal std 0.02, unit LayerNorms) for encoder
+    and decoder, ``int(N * (1 - mask_ratio))`` kept patches (floor), and timm's weight-decay rule
+    (``weight_decay_rule = "timm"``: no decay on biases and 1-D parameters; cls and mask tokens are decayed).
+
     Paper values (ViT-B/L, ImageNet): mask ratio 0.75, decoder 512-d x 8 blocks (16 heads), AdamW betas
     (0.9, 0.95), weight decay 0.05, lr 1.5e-4 x batch / 256 (scaled by the base class), 40 warm-up epochs,
     cosine decay; crops RandomResizedCrop(0.2, 1) + flip only. Evaluation features (``embed``) are the
@@ -45,6 +52,7 @@ class MAE(SSLMethod):
 
     requires_masking = True
     probe_batchnorm = True
+    weight_decay_rule = "timm"  # main_pretrain.py: optim_factory.add_weight_decay(model, wd), no skip list
     supports_flexi = False  # the decoder's patch size and pixel targets are fixed at construction
 
     def __init__(
@@ -81,6 +89,7 @@ class MAE(SSLMethod):
             "num_heads": decoder_heads,
             "mlp_ratio": decoder_mlp_ratio,
         }
+        self.init_encoder()
         self.decoder = self.build_decoder()
 
     # -- parts ---------------------------------------------------------------------------------------
@@ -91,6 +100,13 @@ class MAE(SSLMethod):
             num_prefix_tokens=self.backbone.num_prefix_tokens,
             **self.decoder_cfg,
         )
+
+    def init_encoder(self) -> None:
+        """MAE's encoder: the fixed sin-cos position table and ``initialize_weights``' xavier init
+        (facebookresearch/mae ``models_mae.py``), instead of timm's learned table and trunc-normal init.
+        Only this method's backbone is changed; the decoders initialise themselves the same way."""
+        self.backbone.use_fixed_sincos_pos_embed()
+        self.backbone.init_weights_xavier()
 
     def make_views(self) -> nn.Module:
         return MAEViews(self.data.image_size, self.data.mean, self.data.std, **self.view_cfg)

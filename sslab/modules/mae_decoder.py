@@ -67,7 +67,8 @@ class MAEDecoder(nn.Module):
 
 
 def _init_weights(m: nn.Module) -> None:
-    """MAE's initialisation: xavier-uniform linear weights, zero biases, unit LayerNorms."""
+    """MAE's initialisation (facebookresearch/mae ``models_mae.py``, ``_init_weights``): xavier-uniform
+    linear weights, zero biases, unit LayerNorms."""
     if isinstance(m, nn.Linear):
         nn.init.xavier_uniform_(m.weight)
         if m.bias is not None:
