@@ -1,10 +1,12 @@
-"""k-NN evaluation time: sslab's FAISS-based ``knn_accuracy`` against scikit-learn's ``KNeighborsClassifier``.
+"""k-NN evaluation time: sslab's ``knn_accuracy`` against scikit-learn's ``KNeighborsClassifier``.
 
 Both sides compute the same thing from the same float32 features: L2-normalise bank and queries, find each
 query's k nearest bank items by cosine similarity (exact, brute force), let each neighbour vote for its label
 with weight exp(similarity / T), and report top-1 accuracy.
 
-- **sslab**: ``sslab.evaluation.knn.knn_accuracy`` (FAISS ``IndexFlatIP`` search, vote in torch).
+- **sslab**: ``sslab.evaluation.knn.knn_accuracy`` with its default search (``auto``: chunked matmul + top-k
+  in torch for banks that fit in memory, FAISS above), and the same call forced onto FAISS's exact
+  ``IndexFlatIP`` (``backend=faiss``), vote in torch.
 - **scikit-learn**: ``KNeighborsClassifier(algorithm="brute", metric="euclidean", weights=callable)`` on the
   L2-normalised features. On unit vectors Euclidean distance d and cosine similarity s give the same
   neighbours (d^2 = 2 - 2s), and the weight callable turns d back into exp(s / T). Euclidean is scikit-learn's
@@ -60,6 +62,13 @@ def parse_args() -> argparse.Namespace:
         "--real", action="store_true", help="raw Fashion-MNIST pixels (the full set when installed)"
     )
     p.add_argument("--warmup-queries", type=int, default=500, help="queries used by the warm-up calls")
+    p.add_argument(
+        "--curve",
+        action="store_true",
+        help="instead: search time vs bank size (10k, 60k, 250k, 1M) for every search path, with recall",
+    )
+    p.add_argument("--curve-sizes", default="10000,60000,250000,1000000")
+    p.add_argument("--curve-queries", type=int, default=1000)
     add_common_args(p, warmup=1, reps=3)
     p.set_defaults(device="cpu")  # FAISS-CPU and scikit-learn: both sides run on the CPU
     return p.parse_args()
@@ -115,6 +124,52 @@ def sklearn_accuracy(bank, bank_labels, queries, query_labels, k, temperature, m
     return 100.0 * float(np.mean(pred == query_labels))
 
 
+SSLAB, SSLAB_FAISS = "sslab (auto: torch matmul + top-k)", "sslab (FAISS flat)"
+
+
+def cost_curve(args: argparse.Namespace) -> None:
+    """Search time of every path against bank size, on unit vectors of ``--dim``; the approximate FAISS
+    indexes also report their recall@k against the exact neighbours (build time included in their time)."""
+    import time
+
+    from sslab.evaluation.knn import knn_search
+
+    sizes = [int(x) for x in args.curve_sizes.split(",")]
+    g = torch.Generator().manual_seed(args.seed)
+    queries = torch.nn.functional.normalize(torch.randn(args.curve_queries, args.dim, generator=g), dim=1)
+    rows = []
+    for n in sizes:
+        bank = torch.nn.functional.normalize(torch.randn(n, args.dim, generator=g), dim=1)
+        exact = None
+        for backend in ("torch", "faiss", "faiss_ivf", "faiss_hnsw"):
+            start = time.perf_counter()
+            _, idx = knn_search(bank, queries, args.k, backend)
+            seconds = time.perf_counter() - start
+            if exact is None:
+                exact = idx
+            hits = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(idx, exact, strict=True))
+            rows.append([n, backend, seconds, hits / exact.numel()])
+        start = time.perf_counter()
+        sklearn_accuracy(
+            bank.numpy(),
+            np.zeros(n, dtype=np.int64),
+            queries.numpy(),
+            np.zeros(len(queries), dtype=np.int64),
+            args.k,
+            args.temperature,
+            args.sklearn_metric,
+            args.threads,
+        )
+        rows.append([n, "scikit-learn (brute)", time.perf_counter() - start, 1.0])
+        del bank
+    print(
+        f"\nk-NN search time vs bank size ({args.curve_queries} queries, dim {args.dim}, k={args.k}, "
+        f"{args.threads} threads; one run each)\n"
+    )
+    print_markdown_table(["bank", "path", "seconds", "recall@k vs exact"], rows)
+    print_json({"bench": "knn_curve", "rows": rows, **environment(args)})
+
+
 def main() -> None:
     args = parse_args()
     if args.device != "cpu":
@@ -133,54 +188,48 @@ def main() -> None:
     k, t = args.k, args.temperature
     accs: dict[str, float] = {}
 
+    if args.curve:
+        return cost_curve(args)
+
     def ours(n: int | None = None) -> None:
         accs["sslab"] = knn_accuracy(bank, bank_y, queries[:n], query_y[:n], k=k, temperature=t)
+
+    def ours_faiss(n: int | None = None) -> None:
+        accs["sslab_faiss"] = knn_accuracy(
+            bank, bank_y, queries[:n], query_y[:n], k=k, temperature=t, backend="faiss"
+        )
 
     def theirs(n: int | None = None) -> None:
         accs["sklearn"] = sklearn_accuracy(
             bank_np, bank_y_np, queries_np[:n], query_y_np[:n], k, t, args.sklearn_metric, args.threads
         )
 
+    sides = {SSLAB: ours, SSLAB_FAISS: ours_faiss, "scikit-learn": theirs}
     with threadpool_limits(limits=args.threads):
         for _ in range(args.warmup):
-            ours(args.warmup_queries)
-            theirs(args.warmup_queries)
-        times = time_interleaved(
-            {"sslab (FAISS)": ours, "scikit-learn": theirs}, 0, args.reps, torch.device("cpu")
-        )
+            for side in sides.values():
+                side(args.warmup_queries)
+        times = time_interleaved(sides, 0, args.reps, torch.device("cpu"))
     sec = {name: median(v) for name, v in times.items()}
-    speedup = sec["scikit-learn"] / sec["sslab (FAISS)"]
-    diff = abs(accs["sslab"] - accs["sklearn"])
+    speedup = sec["scikit-learn"] / sec[SSLAB]
+    diff = max(abs(accs[a] - accs["sklearn"]) for a in ("sslab", "sslab_faiss"))
     agree = diff <= 0.5
 
     print(
         f"\nk-NN evaluation (k={k}, T={t}), {what}: bank {bank.shape[0]} x {bank.shape[1]}, "
         f"{queries.shape[0]} queries, torch threads: {args.threads}, median of {args.reps} runs\n"
     )
+    rows = []
+    for name, acc in ((SSLAB, "sslab"), (SSLAB_FAISS, "sslab_faiss"), ("scikit-learn", "sklearn")):
+        label = f"scikit-learn ({args.sklearn_metric}, brute)" if acc == "sklearn" else name
+        ratio = sec["scikit-learn"] / sec[name]
+        rows.append(
+            [label, sec[name], spread(times[name]), queries.shape[0] / sec[name], accs[acc], f"{ratio:.2f}x"]
+        )
     print_markdown_table(
-        ["implementation", "seconds", "min-max s", "queries / s", "top-1 (%)", "sslab speed-up"],
-        [
-            [
-                "sslab (FAISS)",
-                sec["sslab (FAISS)"],
-                spread(times["sslab (FAISS)"]),
-                queries.shape[0] / sec["sslab (FAISS)"],
-                accs["sslab"],
-                f"{speedup:.2f}x",
-            ],
-            [
-                f"scikit-learn ({args.sklearn_metric}, brute)",
-                sec["scikit-learn"],
-                spread(times["scikit-learn"]),
-                queries.shape[0] / sec["scikit-learn"],
-                accs["sklearn"],
-                "",
-            ],
-        ],
+        ["implementation", "seconds", "min-max s", "queries / s", "top-1 (%)", "vs scikit-learn"], rows
     )
-    print(
-        f"\naccuracies {'agree' if agree else 'DIFFER'}: |{accs['sslab']:.2f} - {accs['sklearn']:.2f}| = {diff:.2f} points\n"
-    )
+    print(f"\naccuracies {'agree' if agree else 'DIFFER'}: largest gap to scikit-learn {diff:.2f} points\n")
     import sklearn
 
     print_json(
@@ -192,10 +241,12 @@ def main() -> None:
             "dim": int(bank.shape[1]),
             "k": k,
             "temperature": t,
-            "seconds_sslab": round(sec["sslab (FAISS)"], 4),
+            "seconds_sslab": round(sec[SSLAB], 4),
+            "seconds_sslab_faiss": round(sec[SSLAB_FAISS], 4),
             "seconds_sklearn": round(sec["scikit-learn"], 4),
             "speedup": round(speedup, 3),
             "top1_sslab": round(accs["sslab"], 3),
+            "top1_sslab_faiss": round(accs["sslab_faiss"], 3),
             "top1_sklearn": round(accs["sklearn"], 3),
             "accuracy_agrees": agree,
             "sklearn_metric": args.sklearn_metric,

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from sslab.evaluation.knn import knn_accuracy, knn_predict
+from sslab.evaluation.knn import knn_accuracy, knn_predict, knn_search
 
 
 def test_weighted_vote_matches_hand_computation():
@@ -33,3 +33,41 @@ def test_knn_is_scale_invariant_and_agrees_with_brute_force():
     votes = torch.zeros(100, 5).scatter_add_(1, bank_y[idx], (top / 0.07).exp())
     assert acc == pytest.approx(100.0 * (votes.argmax(1) == q_y).float().mean().item())
     assert acc > 90
+
+
+def test_every_search_backend_finds_the_exact_neighbours():
+    """The torch matmul + top-k path (DINO's eval_knn.py form) and FAISS's flat index are both exact; the
+    IVF and HNSW indexes are approximate but keep most true neighbours on clustered data."""
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(10, 32, generator=g)
+    bank = torch.nn.functional.normalize(
+        centers.repeat(300, 1) + 0.5 * torch.randn(3000, 32, generator=g), dim=1
+    )
+    queries = torch.nn.functional.normalize(
+        centers.repeat(20, 1) + 0.5 * torch.randn(200, 32, generator=g), dim=1
+    )
+    exact = (queries @ bank.T).topk(10, dim=1)
+    for backend in ("torch", "faiss", "auto"):
+        sims, idx = knn_search(bank, queries, 10, backend)
+        torch.testing.assert_close(sims, exact.values, rtol=1e-5, atol=1e-5)
+        assert (idx == exact.indices).float().mean() > 0.999, backend
+    for backend in ("faiss_ivf", "faiss_hnsw"):
+        _, idx = knn_search(bank, queries, 10, backend)
+        recall = (
+            sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(idx, exact.indices, strict=True))
+            / idx.numel()
+        )
+        assert recall > 0.5, (backend, recall)
+
+
+def test_torch_search_works_in_chunks(monkeypatch):
+    """A bank bigger than one similarity chunk gives the same answer chunk by chunk."""
+    import sslab.evaluation.knn as knn
+
+    g = torch.Generator().manual_seed(1)
+    bank, queries = torch.randn(500, 8, generator=g), torch.randn(37, 8, generator=g)
+    whole = knn.matmul_topk(bank, queries, 5)
+    monkeypatch.setattr(knn, "SIMILARITY_CHUNK_BYTES", 4 * 500 * 3)  # 3 queries per chunk
+    chunked = knn.matmul_topk(bank, queries, 5)
+    assert torch.equal(whole[1], chunked[1])
+    torch.testing.assert_close(whole[0], chunked[0])  # GEMM blocking may change the last bits
