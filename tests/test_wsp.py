@@ -159,10 +159,13 @@ def test_wsp_param_groups_and_embed(tmp_path):
     assert [g["weight_decay"] for g in groups if g["apply_wd"]] == [0.2]  # CLIP's weight decay
     assert model.betas == (0.9, 0.98)
     tt = model.text_tower
-    for p in (model.logit_scale.logit_scale, tt.token_embed, tt.pos_embed, tt.ln_final.weight):
+    # OpenCLIP training/main.py: no decay for ndim < 2, bn/ln/bias names and the logit scale;
+    # the token and position embeddings are decayed
+    for p in (model.logit_scale.logit_scale, tt.ln_final.weight, tt.blocks[0].linear1.bias):
         assert id(p) in no_decay
-    for p in (tt.proj.weight, model.image_proj.weight, tt.blocks[0].linear1.weight):
+    for p in (tt.proj.weight, model.image_proj.weight, tt.blocks[0].linear1.weight, tt.token_embed):
         assert id(p) in decay
+    assert id(tt.pos_embed) in decay
     n_params = sum(1 for p in model.parameters() if p.requires_grad)
     assert len(no_decay) + len(decay) == n_params  # every trainable parameter is optimised once
     x = torch.randn(3, 3, 28, 28)

@@ -34,6 +34,8 @@ class WSP(SSLMethod):
     (scale ``views.scale``) + flip, batched on the device (``MAEViews`` with WSP's parameters).
     """
 
+    weight_decay_rule = "clip"  # OpenCLIP training/main.py
+
     required_keys = ("image", "text")
 
     def __init__(

@@ -9,6 +9,8 @@ trains, so each method names its reference's rule (``WEIGHT_DECAY_RULES``):
   ``norm`` or ``gamma`` (LayerScale); tokens, position embeddings and the weight-norm gain are decayed.
 - ``timm``: timm's ``param_groups_weight_decay`` as MAE's ``main_pretrain.py`` calls it (empty skip list):
   no decay on 1-D parameters and biases.
+- ``clip``: OpenCLIP ``training/main.py``: no decay where ``p.ndim < 2`` or the name contains ``bn``, ``ln``,
+  ``bias`` or ``logit_scale``; the token and position embeddings are decayed.
 - ``finetune``: MAE/BEiT fine-tuning (``util/lr_decay.py``): no decay on 1-D parameters and on the tokens
   and position embeddings (``no_weight_decay()``).
 """
@@ -36,6 +38,10 @@ def _dinov2_no_decay(name: str, p: nn.Parameter) -> bool:
     return name.endswith(".bias") or "norm" in name or "gamma" in name
 
 
+def _clip_no_decay(name: str, p: nn.Parameter) -> bool:
+    return p.ndim < 2 or any(part in name for part in ("bn", "ln", "bias", "logit_scale"))
+
+
 def _finetune_no_decay(name: str, p: nn.Parameter) -> bool:
     return p.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES
 
@@ -44,6 +50,7 @@ WEIGHT_DECAY_RULES: dict[str, Callable[[str, nn.Parameter], bool]] = {
     "dino": _dino_no_decay,
     "dinov2": _dinov2_no_decay,
     "timm": _dino_no_decay,  # same test as DINO's: 1-D or bias (timm: ndim <= 1 or name ends in .bias)
+    "clip": _clip_no_decay,
     "finetune": _finetune_no_decay,
 }
 

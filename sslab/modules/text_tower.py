@@ -24,7 +24,7 @@ def eos_positions(tokens: torch.Tensor) -> torch.Tensor:
 class TextTower(nn.Module):
     """(B, L) int64 token ids -> (B, embed_dim) projected text features (not normalised).
 
-    Weight decay follows the method's rule (WSP: timm's, as OpenCLIP's ``p.ndim < 2 or bias`` exclusion):
+    Weight decay follows the method's rule (WSP: OpenCLIP's, ``param_groups.WEIGHT_DECAY_RULES['clip']``):
     norms, biases and the logit scale get none, the embeddings are decayed. Initialisation follows CLIP's code: token
     embedding std 0.02, position embedding std 0.01, projection std width^-0.5.
     """
