@@ -83,3 +83,30 @@ def test_roi_heads_drop_exactly_the_regions_without_overlap(drop_iou):
     kept = 4 + 3 if drop_iou >= 0 else sampled
     assert losses["loss_classifier"].item() == pytest.approx(math.log(2) * kept / sampled, rel=1e-5)
     assert heads.last_kept_fraction.item() == pytest.approx(kept / sampled)
+
+
+def test_a_batch_with_an_image_without_pseudo_boxes_falls_back_to_the_plain_loss():
+    """facebookresearch/CutLER ``cutler/modeling/roi_heads/roi_heads.py`` (``_forward_box``): when an image of
+    the batch has no pseudo-box its proposals carry no ``gt_boxes``, ``no_gt_found`` is set and the whole
+    batch gets the plain classification loss. With a zeroed predictor every region scores log 2, so the loss
+    is exactly log 2 (all regions kept), where DropLoss would have dropped regions and given less."""
+    torch.manual_seed(0)
+    vit = build("vit_t", img_size=64, patch_size=8, depth=1)
+    heads = build_detector(vit, 64, drop_iou=0.01).roi_heads.train()
+    for layer in (heads.box_predictor.cls_score, heads.box_predictor.bbox_pred):
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
+    features = OrderedDict((str(i), torch.randn(2, 64, s, s)) for i, s in enumerate((16, 8, 4)))
+    proposals = [torch.tensor([r[0] for r in REGIONS if r[1] == i], dtype=torch.float) for i in (0, 1)]
+    gt = [GT[0], torch.zeros(0, 4)]  # image 1 has no pseudo-box
+    targets = [
+        {"boxes": g, "labels": torch.ones(len(g), dtype=torch.int64), "masks": torch.zeros(len(g), 64, 64)}
+        for g in gt
+    ]
+    _, losses = heads(features, proposals, [(64, 64), (64, 64)], targets)
+    assert losses["loss_classifier"].item() == pytest.approx(math.log(2), rel=1e-5)
+    assert heads.last_kept_fraction.item() == 1.0
+    # with both images boxed, DropLoss applies again (image 0's 3 non-overlapping regions are dropped)
+    targets[1] = {"boxes": GT[1], "labels": torch.ones(2, dtype=torch.int64), "masks": torch.zeros(2, 64, 64)}
+    _, losses = heads(features, proposals, [(64, 64), (64, 64)], targets)
+    assert losses["loss_classifier"].item() < math.log(2) - 0.1

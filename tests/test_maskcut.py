@@ -78,23 +78,72 @@ def test_maskcut_finds_two_objects_as_two_disjoint_masks():
     }
 
 
+def reference_foreground(vec: np.ndarray, h: int, w: int, corner_limit: int = 3) -> tuple[np.ndarray, int]:
+    """The foreground rule written out from facebookresearch/CutLER ``maskcut/maskcut.py`` (maskcut_forward):
+    bipartition = vec > mean; reverse when >= 3 of its corners are set, else when the seed argmax |vec| is
+    not in it; the seed becomes argmax(-vec) when reversed, argmax(vec) otherwise."""
+    bipartition = vec > vec.sum() / len(vec)
+    grid = bipartition.reshape(h, w)
+    corners = int(grid[0, 0]) + int(grid[0, -1]) + int(grid[-1, 0]) + int(grid[-1, -1])
+    reverse = corners >= corner_limit or not bipartition[int(np.argmax(np.abs(vec)))]
+    if reverse:
+        return ~bipartition, int(np.argmax(-vec))
+    return bipartition, int(np.argmax(vec))
+
+
 def test_foreground_rule_on_hand_made_eigenvectors():
     # 3 x 3 grid, corners are flat indices 0, 2, 6, 8
     peak = torch.tensor([[-1.0, -1, -1, -1, 5, -1, -1, -1, -1]], dtype=torch.float64)
-    for vec in (peak, -peak):  # the eigenvector's sign is arbitrary: same answer either way
+    for vec in (peak, -peak):  # a peak that the corner test and the seed agree on: same answer either sign
         fg, seed = foreground_side(vec, 3, 3)
         assert fg[0].tolist() == [False] * 4 + [True] + [False] * 4 and seed.item() == 4
-    # the seed's side (top row + left column) holds 3 corners: the other side is the foreground
+    # x > mean is the top row + left column, holding 3 corners: reversed
     vec = torch.tensor([[3.0, 1, 1, 1, -1, -1, 1, -1, -2]], dtype=torch.float64)
-    for v in (vec, -vec):
-        fg, seed = foreground_side(v, 3, 3)
-        assert torch.nonzero(fg[0]).flatten().tolist() == [4, 5, 7, 8] and seed.item() == 8
-    # the seed's side (top row) holds 2 corners: kept with the reference's limit (3), reversed with 2
+    fg, seed = foreground_side(vec, 3, 3)
+    assert torch.nonzero(fg[0]).flatten().tolist() == [4, 5, 7, 8] and seed.item() == 8
+    # the same vector negated: x > mean is {4, 5, 7, 8} (1 corner) and the seed (index 0, |-3|) is outside it,
+    # so the reference reverses by the seed rule and keeps the 3-corner side (it tests corners on x > mean only)
+    fg, seed = foreground_side(-vec, 3, 3)
+    assert torch.nonzero(fg[0]).flatten().tolist() == [0, 1, 2, 3, 6] and seed.item() == 0
+    # the top row holds 2 corners: kept with the reference's limit (3), reversed with 2
     vec = torch.tensor([[3.0, 1, 1, -1, -1, -1, -1, -1, -2]], dtype=torch.float64)
     fg, seed = foreground_side(vec, 3, 3)
     assert torch.nonzero(fg[0]).flatten().tolist() == [0, 1, 2] and seed.item() == 0
     fg, seed = foreground_side(vec, 3, 3, corner_limit=2)
     assert torch.nonzero(fg[0]).flatten().tolist() == [3, 4, 5, 6, 7, 8] and seed.item() == 8
+
+
+def test_foreground_rule_follows_the_reference_where_a_seed_side_corner_rule_would_not():
+    """A constructed eigenvector on which the reference's rule (corners tested on x > mean, before the seed)
+    and a sign-independent rule (corners tested on the seed's side) disagree: x > mean is the cross
+    {1, 3, 4, 5, 7} (no corner), the seed argmax |x| = 8 lies on the other side, which holds all 4 corners.
+    The reference reverses by the seed and returns the 4 corners; the seed-side rule would reverse back to
+    the cross."""
+    x = np.array([-1.0, 0.5, -1, 0.5, 0.5, 0.5, -1, 0.5, -5])
+    ref_fg, ref_seed = reference_foreground(x, 3, 3)
+    assert np.flatnonzero(ref_fg).tolist() == [0, 2, 6, 8] and ref_seed == 8
+    # what the former seed-side rule gave (written out here to show the case discriminates)
+    part = x > x.mean()
+    seed_side = part if part[np.argmax(np.abs(x))] else ~part
+    other = ~seed_side if seed_side[[0, 2, 6, 8]].sum() >= 3 else seed_side
+    assert np.flatnonzero(other).tolist() == [1, 3, 4, 5, 7]
+
+    fg, seed = foreground_side(torch.from_numpy(x).unsqueeze(0), 3, 3)
+    assert np.array_equal(fg[0].numpy(), ref_fg) and seed.item() == ref_seed
+    # the reference depends on the eigenvector's sign; so do we: -x gives the cross
+    fg, seed = foreground_side(torch.from_numpy(-x).unsqueeze(0), 3, 3)
+    ref_fg, ref_seed = reference_foreground(-x, 3, 3)
+    assert np.flatnonzero(ref_fg).tolist() == [1, 3, 4, 5, 7]
+    assert np.array_equal(fg[0].numpy(), ref_fg) and seed.item() == ref_seed
+
+
+def test_foreground_rule_equals_the_reference_on_random_vectors():
+    g = np.random.default_rng(0)
+    vecs = g.standard_normal((400, 5 * 6)) ** 3  # heavy tails: both rules get exercised
+    fg, seed = foreground_side(torch.from_numpy(vecs), 5, 6)
+    for i, v in enumerate(vecs):
+        ref_fg, ref_seed = reference_foreground(v, 5, 6)
+        assert np.array_equal(fg[i].numpy(), ref_fg) and seed[i].item() == ref_seed
 
 
 def test_seed_component_keeps_only_the_seeds_4_connected_component():
@@ -183,8 +232,10 @@ def test_batched_maskcut_equals_per_image_torch_and_scipy(vit_keys):
     feats = noisy_scenes(8, seed=1)
     batched = maskcut(feats, n_masks=3, tau=0.15, dtype=torch.float64)
     assert batched.keep[:, 0].all() and batched.keep[:, 1:].any()
-    for i in range(len(feats)):  # scipy's generalised eigh + ndimage.label, one image at a time
-        masks, keep = maskcut_numpy(feats[i].numpy(), n_masks=3, tau=0.15)
+    # scipy's generalised eigh + ndimage.label, one image at a time; the foreground rule depends on the
+    # eigenvector's sign (as the reference's), which two solvers choose independently: orient scipy's like ours
+    for i in range(len(feats)):
+        masks, keep = maskcut_numpy(feats[i].numpy(), n_masks=3, tau=0.15, orient=batched.vectors[i].numpy())
         assert np.array_equal(masks, batched.masks[i].numpy()) and np.array_equal(
             keep, batched.keep[i].numpy()
         )
@@ -197,7 +248,7 @@ def test_batched_maskcut_equals_per_image_torch_and_scipy(vit_keys):
         assert torch.equal(single.masks[0], batched.masks[i]) and torch.equal(single.keep[0], batched.keep[i])
         # the first cut agrees with scipy too; later rounds of random features can cut off single patches
         # whose affinities are all eps, where lambda_2 is (near) degenerate and any solver may pick another
-        masks, _ = maskcut_numpy(keys[i].numpy(), n_masks=1, tau=0.15)
+        masks, _ = maskcut_numpy(keys[i].numpy(), n_masks=1, tau=0.15, orient=batched.vectors[i, :1].numpy())
         assert np.array_equal(masks[0], batched.masks[i, 0].numpy())
 
 

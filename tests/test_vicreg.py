@@ -1,9 +1,16 @@
-"""VICReg terms against hand-worked values (Bardes et al., 2022, official-code form) and the expander."""
+"""VICReg terms against hand-worked values (Bardes et al., 2022, official-code form), the expander, and the
+per-view BatchNorm statistics of the method (facebookresearch/vicreg ``main_vicreg.py``)."""
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import get_class
+from omegaconf import OmegaConf
 from torch import nn
 
+from sslab.build import build_backbone
+from sslab.errors import SSLabError
+from sslab.methods.base import DataSpec
 from sslab.methods.vicreg import expander
 from sslab.modules.vicreg_loss import covariance_term, off_diagonal, variance_term, vicreg_loss, vicreg_terms
 
@@ -57,6 +64,83 @@ def test_expander_layout():
     assert kinds == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
     assert head[-1].bias is None and head[-1].out_features == 4 and head[0].in_features == 8
     assert head(torch.randn(5, 8)).shape == (5, 4)
+
+
+def method_from_yaml(name: str, *overrides: str):
+    """The method built from its shipped yaml (conf/method/<name>.yaml) around a 1-block ViT, no data needed."""
+    from tests.conftest import CONF
+
+    tiny = ["backbone=vit_t", "++backbone.depth=1", "++backbone.embed_dim=32", "++backbone.num_heads=2"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            "config", overrides=[f"method={name}", *tiny, "method.projector_dims=[64,64,32]", *overrides]
+        )
+    method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
+    cls = get_class(method_cfg.pop("_target_"))
+    method_cfg.pop("name")
+    spec = DataSpec(cfg.data.image_size, cfg.data.local_crop_size, tuple(cfg.data.mean), tuple(cfg.data.std))
+    return cls(backbone=build_backbone(cfg), data=spec, **method_cfg)
+
+
+def official_vicreg_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """facebookresearch/vicreg ``main_vicreg.py`` VICReg.forward after the expander, written out: 25 MSE +
+    25 (mean relu(1 - std_x) + mean relu(1 - std_y)) / 2 + sum of squared off-diagonal covariances / D."""
+    n, d = x.shape
+    x, y = x.double(), y.double()
+    invariance = ((x - y) ** 2).mean()
+    x, y = x - x.mean(0), y - y.mean(0)
+    std = [torch.sqrt(v.var(0) + 1e-4) for v in (x, y)]
+    variance = sum(torch.clamp(1 - s, min=0).mean() / 2 for s in std)
+    off = ~torch.eye(d, dtype=torch.bool)
+    covariance = sum(((v.T @ v / (n - 1))[off] ** 2).sum() / d for v in (x, y))
+    return 25 * invariance + 25 * variance + covariance
+
+
+def test_vicreg_expands_each_view_on_its_own_batchnorm_statistics():
+    """The recipe from conf/method/vicreg.yaml defaults to bn_stats=per_view and its loss is the official
+    forward's: expander(backbone(x)) and expander(backbone(y)) in two calls. The joint form (both views in one
+    BatchNorm batch) gives a different loss on views with different statistics (negative control)."""
+    method = method_from_yaml("vicreg")
+    assert method.bn_stats == "per_view"
+    method.train()
+    method.backbone.eval()  # only the expander has BatchNorm; keeps the ViT deterministic
+    g = torch.Generator().manual_seed(0)
+    v1 = torch.randn(8, 3, 28, 28, generator=g)
+    v2 = 0.5 * torch.randn(8, 3, 28, 28, generator=g) + 1.0  # another distribution: other BN statistics
+    out = method.step({"views": (v1, v2)})
+    with torch.no_grad():
+        h1, h2 = method.backbone(v1), method.backbone(v2)
+        expected = official_vicreg_loss(method.projector(h1), method.projector(h2))
+        z1, z2 = method.projector(torch.cat([h1, h2])).chunk(2)
+        joint = official_vicreg_loss(z1, z2)
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert abs(joint.item() - expected.item()) > 1e-3 * abs(expected.item())
+    joint_method = method_from_yaml("vicreg", "method.bn_stats=joint")
+    joint_method.load_state_dict(method.state_dict())
+    joint_method.train()
+    joint_method.backbone.eval()
+    assert joint_method.step({"views": (v1, v2)})["loss"].item() == pytest.approx(joint.item(), rel=1e-5)
+
+
+def test_backbones_with_batchnorm_see_one_view_per_call():
+    """A BatchNorm backbone (ResNet) is called once per view as in the official code; joint batches them."""
+    method = method_from_yaml("vicreg")
+    bn_backbone = nn.Sequential(nn.Flatten(), nn.Linear(3 * 28 * 28, 16), nn.BatchNorm1d(16)).train()
+    method.backbone = bn_backbone
+    g = torch.Generator().manual_seed(1)
+    v1, v2 = torch.randn(6, 3, 28, 28, generator=g), 3 + torch.randn(6, 3, 28, 28, generator=g)
+    h1, h2 = method.encode(v1, v2)
+    assert torch.allclose(h1, bn_backbone(v1), atol=1e-5) and torch.allclose(h2, bn_backbone(v2), atol=1e-5)
+    method.bn_stats = "joint"
+    j1, j2 = method.encode(v1, v2)
+    b1, b2 = bn_backbone(torch.cat([v1, v2])).chunk(2)
+    assert torch.allclose(j1, b1, atol=1e-5) and torch.allclose(j2, b2, atol=1e-5)
+    assert not torch.allclose(j1, h1, atol=1e-2)
+
+
+def test_unknown_bn_stats_is_refused():
+    with pytest.raises(SSLabError, match="bn_stats"):
+        method_from_yaml("vicreg", "method.bn_stats=pooled")
 
 
 VICREG_RANK_SCRIPT = """

@@ -79,11 +79,31 @@ class ViTSimplePyramid(nn.Module):
         return OrderedDict((str(i), level(fmap)) for i, level in enumerate(self.levels))
 
 
+def droploss_keep(
+    regions: torch.Tensor, image_of_box: torch.Tensor, gt_boxes: list[torch.Tensor], drop_iou: float
+) -> torch.Tensor:
+    """Regions (N, 4) whose classification loss DropLoss keeps (CutLER, Wang et al. 2023, Eq. 1): max IoU with
+    the pseudo-boxes of the region's own image > ``drop_iou``. If any image of the batch has no pseudo-box,
+    every region is kept (the reference's ``no_gt_found`` fallback to the plain loss, for the whole batch)."""
+    if any(len(g) == 0 for g in gt_boxes):
+        return torch.ones(len(regions), dtype=torch.bool, device=regions.device)
+    return drop_keep(max_iou_to_gt(regions, image_of_box, gt_boxes), drop_iou)
+
+
 class DropLossRoIHeads(RoIHeads):
     """torchvision's RoIHeads whose training classification loss is DropLoss (``sslab.modules.droploss``).
 
     As in the reference, a region's IoU is that of the box the head predicts for it (proposal + regression,
-    detached), with ``drop_on_proposals=True`` the raw proposal's. Inference is torchvision's, unchanged.
+    detached), with ``drop_on_proposals=True`` the raw proposal's, and it is compared only with the
+    pseudo-boxes of the region's own image. Inference is torchvision's, unchanged.
+
+    A batch holding an image without any pseudo-box falls back to the plain classification loss for the whole
+    batch, as the reference does (facebookresearch/CutLER ``cutler/modeling/roi_heads/roi_heads.py``
+    ``_forward_box``: such an image's proposals carry no ``gt_boxes``, the try block fails, ``no_gt_found``).
+    Dropping instead would silence every region of that image, all of which are background.
+    One difference: the reference takes an image's pseudo-boxes as ``gt_boxes[:gt_num]`` of the sampled
+    proposals' matched boxes (gt_num = distinct boxes among the first 100), which can repeat one box and miss
+    another; we use the image's full pseudo-box list, the set that selection approximates.
     """
 
     def __init__(self, *args, drop_iou: float = 0.01, drop_on_proposals: bool = False, **kwargs) -> None:
@@ -104,7 +124,7 @@ class DropLossRoIHeads(RoIHeads):
             regions = self.box_coder.decode(box_regression.detach(), proposals)[:, 1]
         counts = torch.tensor([len(p) for p in proposals], device=regions.device)
         image_of_box = torch.repeat_interleave(torch.arange(len(counts), device=regions.device), counts)
-        keep = drop_keep(max_iou_to_gt(regions, image_of_box, [t["boxes"] for t in targets]), self.drop_iou)
+        keep = droploss_keep(regions, image_of_box, [t["boxes"] for t in targets], self.drop_iou)
         all_labels = torch.cat(labels)
         _, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
         losses = {

@@ -18,8 +18,9 @@ class TOVVICReg(VICReg):
     """loss = VICReg(view 1 of o_t, view 2 of o_t) + ``temporal_coeff`` x BCE(order head).
 
     The order head sees the backbone features (not the expander's) of view 1 of o_t and of the two neighbours,
-    in one of 6 orders drawn per sample (``balanced_orders``: see ``sample_orders``). All four images go
-    through the backbone in one call.
+    in one of 6 orders drawn per sample (``balanced_orders``: see ``sample_orders``). The four images go
+    through the backbone in one call unless it has BatchNorm and ``bn_stats`` is "per_view" (then one call
+    each, as the official builder.py); the expander sees the two views of o_t one call each (``expand``).
     """
 
     required_keys = ("frames",)
@@ -40,7 +41,7 @@ class TOVVICReg(VICReg):
     def step(self, batch: dict[str, Any]) -> dict[str, Any]:
         views = batch["views"]
         (v1, v2), (prev, nxt) = views["views"], views["adjacent"]
-        h1, h2, h_prev, h_next = self.backbone(torch.cat([v1, v2, prev, nxt])).chunk(4)
+        h1, h2, h_prev, h_next = self.encode(v1, v2, prev, nxt)
         vic, terms = self.vicreg(h1, h2)
         orders = sample_orders(h1.shape[0], h1.device, self.balanced_orders)
         temporal, accuracy = temporal_order_loss(

@@ -10,18 +10,19 @@ Per image, on the patch grid (h, w), N = h * w patches, for each of ``n_masks`` 
 3. Normalized Cut (Shi & Malik, 2000) relaxed: the generalised eigenproblem (D - A) x = lambda D x, solved as
    the symmetric L_sym = I - D^-1/2 A D^-1/2 = U diag(lambda) U^T (``torch.linalg.eigh``, batched (B, N, N)),
    x = D^-1/2 u_2 (2nd smallest eigenvalue);
-4. bipartition at the mean of x; the foreground is the side holding the seed argmax |x|, unless that side
-   holds ``corner_limit`` (3) or more of the grid's 4 corners (object-centric prior), then the other side;
+4. bipartition P = {x > mean(x)}; the reference's rule, in its order: if P holds ``corner_limit`` (3) or more
+   of the grid's 4 corners (object-centric prior), the foreground is the complement of P; otherwise it is
+   P when the seed argmax |x| lies in P, else the complement;
 5. keep the 4-connected component of the foreground that contains the seed (argmax of x oriented towards
    the foreground), a batched flood fill;
 6. rounds after the first drop a mask with IoU > 0.5 to an earlier kept mask or covering <= 1% of the
    patches; kept masks are made disjoint (earlier masks are subtracted), and empty ones are dropped.
 
-Facts checked against facebookresearch/CutLER ``maskcut/maskcut.py`` (read for facts, code is ours). Where we
+Facts checked against facebookresearch/CutLER ``maskcut/maskcut.py`` (read for facts, code is ours). The
+foreground rule is the reference's exactly, including its dependence on the eigenvector's sign: the corner
+test looks only at the side x > mean, so when the seed lies on the other side and that side holds >= 3
+corners, the reference still takes it (a sign-flipped eigenvector would give the other answer). Where we
 differ, on purpose:
-- the reference tests "reverse if >= 3 corners" on the side ``x > mean`` as LAPACK's eigenvector sign leaves
-  it, so its choice depends on that arbitrary sign; we apply the rule to the seed's side, which is
-  sign-invariant (same result whenever the reference's side is the seed's side);
 - the reference compares a new mask only with the previous round's mask and, when it drops one, repaints
   nothing, so the next round recomputes the same cut; we compare with every earlier kept mask and paint
   out every found component, so each round looks at new patches;
@@ -54,11 +55,14 @@ MIN_AREA = 0.01  # a later mask covering at most this share of the patches is dr
 @dataclass
 class MaskCutResult:
     """``masks`` bool (B, n_masks, h, w) on the patch grid (dropped rounds are all False); ``keep`` bool
-    (B, n_masks): the round produced a mask; ``eigenvalues`` (B, n_masks): each round's NCut value lambda_2."""
+    (B, n_masks): the round produced a mask; ``eigenvalues`` (B, n_masks): each round's NCut value lambda_2;
+    ``vectors`` (B, n_masks, h * w): each round's eigenvector x with the sign the foreground rule saw (the
+    rule depends on it, as the reference's does; ``maskcut_numpy(orient=...)`` can replay it)."""
 
     masks: torch.Tensor
     keep: torch.Tensor
     eigenvalues: torch.Tensor
+    vectors: torch.Tensor | None = None
 
 
 # -- features -------------------------------------------------------------------------------------------
@@ -120,19 +124,16 @@ def corner_indices(h: int, w: int) -> list[int]:
 def foreground_side(
     vec: torch.Tensor, h: int, w: int, corner_limit: int = CORNER_LIMIT
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, N) eigenvectors -> foreground (B, N) bool and seed (B,) index.
-
-    Split at the mean; the side holding argmax |x| is the foreground unless it holds ``corner_limit`` or
-    more corners, then the other side is. The seed is the extreme of x on the foreground side (argmax of ±x,
-    signed so that the foreground lies above the mean), as the reference picks its seed."""
+    """(B, N) eigenvectors -> foreground (B, N) bool and seed (B,) index, by the reference's rule
+    (CutLER ``maskcut/maskcut.py``, ``maskcut_forward``): P = {x > mean}; reverse when P holds
+    ``corner_limit`` or more corners, else when argmax |x| is not in P; the foreground is ~P if reversed,
+    else P; the seed is argmax(-x) if reversed, else argmax(x). Depends on the sign of x, as the reference."""
     part = vec > vec.mean(-1, keepdim=True)
-    seed_in_part = part.gather(1, vec.abs().argmax(-1, keepdim=True))  # (B, 1)
-    seed_side = torch.where(seed_in_part, part, ~part)
-    corners = seed_side[:, corner_indices(h, w)].sum(-1, keepdim=True)
-    flip = corners >= corner_limit
-    foreground = torch.where(flip, ~seed_side, seed_side)
-    fg_is_part = seed_in_part ^ flip
-    seed = torch.where(fg_is_part, vec, -vec).argmax(-1)
+    corners = part[:, corner_indices(h, w)].sum(-1)
+    seed_in_part = part.gather(1, vec.abs().argmax(-1, keepdim=True)).squeeze(1)
+    reverse = (corners >= corner_limit) | ~seed_in_part
+    foreground = torch.where(reverse.unsqueeze(1), ~part, part)
+    seed = torch.where(reverse, (-vec).argmax(-1), vec.argmax(-1))
     return foreground, seed
 
 
@@ -196,7 +197,7 @@ def maskcut(
     b, h, w, c = keys.shape
     feats = keys.reshape(b, h * w, c).to(dtype)
     painted = torch.zeros(b, h * w, dtype=torch.bool, device=keys.device)
-    kept, masks, keep, values = [], [], [], []  # kept: each round's whole component where kept
+    kept, masks, keep, values, vectors = [], [], [], [], []  # kept: each round's whole component where kept
     for i in range(n_masks):
         affinity = binary_affinity(feats.masked_fill(painted.unsqueeze(-1), 0.0), tau, eps)
         vec, value = ncut_eigenvector(affinity)
@@ -211,10 +212,12 @@ def maskcut(
         masks.append(out & ok.unsqueeze(-1))
         keep.append(ok)
         values.append(value)
+        vectors.append(vec)
     return MaskCutResult(
         masks=torch.stack(masks, 1).view(b, n_masks, h, w),
         keep=torch.stack(keep, 1),
         eigenvalues=torch.stack(values, 1).float(),
+        vectors=torch.stack(vectors, 1).float(),
     )
 
 
@@ -235,9 +238,14 @@ def maskcut_numpy(
     corner_limit: int = CORNER_LIMIT,
     duplicate_iou: float = DUPLICATE_IOU,
     min_area: float = MIN_AREA,
+    orient: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One image's (h, w, C) features -> (masks bool (n_masks, h, w), keep bool (n_masks,)) with
-    ``scipy.linalg.eigh(D - A, D)`` (generalised, float64) and ``scipy.ndimage.label`` per round."""
+    ``scipy.linalg.eigh(D - A, D)`` (generalised, float64) and ``scipy.ndimage.label`` per round.
+
+    The foreground rule depends on the eigenvector's arbitrary sign (as the reference's); ``orient``
+    (n_masks, h * w), e.g. ``MaskCutResult.vectors`` of another solver, flips round i's vector to point the
+    same way as ``orient[i]``, so two solvers can be compared on the same decision."""
     from scipy import linalg, ndimage
 
     h, w, c = keys.shape
@@ -249,13 +257,14 @@ def maskcut_numpy(
         f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
         affinity = np.where(f @ f.T > tau, 1.0, eps)
         degree = np.diag(affinity.sum(1))
-        _, vectors = linalg.eigh(degree - affinity, degree, subset_by_index=[1, 1])
+        _, vectors = linalg.eigh(degree - affinity, degree, subset_by_index=[1, 2])  # as the reference
         vec = vectors[:, 0]
+        if orient is not None and float(vec @ np.asarray(orient[i], dtype=np.float64)) < 0:
+            vec = -vec
         part = vec > vec.mean()
-        seed_side = part if part[np.argmax(np.abs(vec))] else ~part
-        flip = seed_side[corner_indices(h, w)].sum() >= corner_limit
-        foreground = ~seed_side if flip else seed_side
-        seed = int(np.argmax(vec if (foreground == part).all() else -vec))
+        reverse = part[corner_indices(h, w)].sum() >= corner_limit or not part[np.argmax(np.abs(vec))]
+        foreground = ~part if reverse else part
+        seed = int(np.argmax(-vec if reverse else vec))
         labels, _ = ndimage.label(foreground.reshape(h, w))  # 4-connectivity (the default cross)
         label = labels.reshape(-1)[seed]
         comp = (labels.reshape(-1) == label) & (label > 0)
