@@ -59,11 +59,12 @@ def test_imagefolder_skips_and_counts_corrupt_files(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         dm.setup()
     assert len(dm.skipped) == 2
-    assert "skipped 2 unreadable" in caplog.text
+    assert "skipped 2 file(s) (2 unreadable)" in caplog.text
     assert len(dm.train_set) + len(dm.test_set) == 12
     assert dm.class_names == ["cat", "dog"]
     batch = next(iter(dm.train_dataloader()))
-    assert batch["image"].shape == (4, 3, 16, 16) and batch["image"].dtype == torch.uint8
+    # RGB + validity alpha, letterboxed at the default load size round(16 * 10 / 7)
+    assert batch["image"].shape == (4, 4, 23, 23) and batch["image"].dtype == torch.uint8
 
 
 def test_imagefolder_wrong_path_is_one_clear_line(tmp_path):

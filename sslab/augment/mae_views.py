@@ -1,6 +1,7 @@
 """MAE's pre-training augmentation, made for the whole batch at once on the training device: random
-resized crop with scale (0.2, 1) (bicubic) and horizontal flip only, then normalisation (He et al., "Masked
-Autoencoders Are Scalable Vision Learners", CVPR 2022, Sec. 4 and Appendix A.1)."""
+resized crop with scale (0.2, 1) (bicubic, inside each image's valid region) and horizontal flip only, then
+normalisation (He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022, Sec. 4 and
+Appendix A.1)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import kornia.augmentation as K
 import torch
 from torch import nn
 
+from sslab.augment.crops import RandomResizedCrop, valid_boxes
 from sslab.augment.multicrop import normalize, to_float
 
 
@@ -26,10 +28,10 @@ class MAEViews(nn.Module):
     ) -> None:
         super().__init__()
         self.mean, self.std = list(mean), list(std)
-        self.crop = K.RandomResizedCrop((size, size), scale=tuple(scale), resample="BICUBIC")
+        self.crop = RandomResizedCrop(size, scale)
         self.flip = K.RandomHorizontalFlip(p=hflip_p)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.flip(self.crop(to_float(images))).clamp_(0.0, 1.0)  # bicubic overshoot clipped, as in PIL
+        x = self.flip(self.crop(to_float(images), valid_boxes(images)))  # bicubic overshoot clipped, as PIL
         return normalize(x, self.mean, self.std)

@@ -1,9 +1,10 @@
 """DINO multi-crop views, made for the whole batch at once on the training device.
 
-The recipe follows DINO (Caron et al., 2021, Appendix; BYOL's colour pipeline): random resized crop,
-flip, colour jitter (0.4, 0.4, 0.2, 0.1) with p 0.8, greyscale p 0.2, Gaussian blur with p 1.0 on the
-first global crop, 0.1 on the second and 0.5 on local crops, solarisation with p 0.2 on the second
-global crop only. Blur sigma (0.1-2.0 px at 224 px) scales with the crop size.
+The recipe follows DINO (Caron et al., 2021, Appendix; BYOL's colour pipeline): random resized crop
+(inside each image's valid region, ``sslab.augment.crops``), flip, colour jitter (0.4, 0.4, 0.2, 0.1) with
+p 0.8 and its op order drawn per image, greyscale p 0.2, Gaussian blur with p 1.0 on the first global crop,
+0.1 on the second and 0.5 on local crops, solarisation with p 0.2 on the second global crop only. Blur
+sigma (0.1-2.0 px at 224 px) scales with the crop size.
 """
 
 from __future__ import annotations
@@ -16,10 +17,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sslab.augment.color import RandomColorJitter
+from sslab.augment.crops import (
+    CropPipeline,
+    RandomResizedCrop,
+    centre_crop_boxes,
+    crop_resize,
+    has_alpha,
+    valid_boxes,
+)
+
+# the official evaluation transform: resize the short side to 256, centre crop 224
+EVAL_CROP_FRACTION = 224 / 256
+
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 (B, C, H, W) -> float in [0, 1], with greyscale repeated to 3 channels so every backbone
-    and colour augmentation sees RGB."""
+    and colour augmentation sees RGB. A validity (alpha) channel (C = 2 or 4, see ``sslab.augment.crops``) is
+    dropped here; read it with ``valid_boxes`` first."""
+    if has_alpha(images):
+        images = images[:, :-1]
     x = images.float().div_(255.0)
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
@@ -30,8 +47,19 @@ def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> t
     return (x - m) / s
 
 
-def eval_view(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Deterministic evaluation view: centre crop (or resize) to ``size``, then normalise."""
+def eval_view(
+    images: torch.Tensor,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    crop_fraction: float = EVAL_CROP_FRACTION,
+) -> torch.Tensor:
+    """Deterministic evaluation view, normalised. Letterboxed images (with an alpha channel) get the official
+    transform on their valid region: the centred square of ``crop_fraction`` x the short side (resize 256 /
+    centre crop 224), resampled to ``size``. Others: centre crop to ``size``, or a resize when smaller."""
+    if has_alpha(images):
+        boxes = centre_crop_boxes(valid_boxes(images), crop_fraction)
+        return normalize(crop_resize(to_float(images), boxes, size), mean, std)
     x = to_float(images)
     h, w = x.shape[-2:]
     if h >= size and w >= size:
@@ -49,18 +77,17 @@ def _blur(size: int, p: float) -> nn.Module:
     return K.RandomGaussianBlur(kernel, sigma, p=p)
 
 
-def _crop_pipeline(size: int, scale: Sequence[float], blur_p: float, solarize_p: float) -> nn.Sequential:
+def _crop_pipeline(size: int, scale: Sequence[float], blur_p: float, solarize_p: float) -> CropPipeline:
     ops: list[nn.Module] = [
-        K.RandomResizedCrop((size, size), scale=tuple(scale), resample="BICUBIC"),
         K.RandomHorizontalFlip(),
-        K.ColorJitter(0.4, 0.4, 0.2, 0.1, p=0.8),
+        RandomColorJitter(0.4, 0.4, 0.2, 0.1, p=0.8),  # per-image op order, as torchvision
         K.RandomGrayscale(p=0.2),
     ]
     if blur_p > 0:
         ops.append(_blur(size, blur_p))
     if solarize_p > 0:
         ops.append(K.RandomSolarize(thresholds=0.0, additions=0.0, p=solarize_p))  # threshold exactly 0.5
-    return nn.Sequential(*ops)
+    return CropPipeline(RandomResizedCrop(size, scale), *ops)
 
 
 class MultiCropViews(nn.Module):
@@ -97,10 +124,11 @@ class MultiCropViews(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        boxes = valid_boxes(images)  # crops come from the whole photo, never from letterbox padding
         x = to_float(images)
-        crops = [aug(x) for aug in self.global_crops]
+        crops = [aug(x, boxes) for aug in self.global_crops]
         if self.local_crop is not None and self.num_local:
             # one call for all local crops: each image appears num_local times with independent parameters
-            many = self.local_crop(x.repeat(self.num_local, 1, 1, 1))
+            many = self.local_crop(x.repeat(self.num_local, 1, 1, 1), boxes.repeat(self.num_local, 1))
             crops += list(many.chunk(self.num_local))
         return [normalize(c, self.mean, self.std) for c in crops]

@@ -22,6 +22,8 @@ import kornia.augmentation as K
 import torch
 from torch import nn
 
+from sslab.augment.color import RandomColorJitter
+from sslab.augment.crops import CropPipeline, RandomResizedCrop, valid_boxes
 from sslab.augment.multicrop import eval_view, normalize, to_float
 from sslab.errors import SSLabError
 
@@ -29,7 +31,7 @@ from sslab.errors import SSLabError
 def _jitter(brightness: float, contrast: float, saturation: float, hue: float, p: float) -> list[nn.Module]:
     if p <= 0 or not (brightness or contrast or saturation or hue):
         return []
-    return [K.ColorJitter(brightness, contrast, saturation, hue, p=p)]
+    return [RandomColorJitter(brightness, contrast, saturation, hue, p=p)]  # op order per image
 
 
 class ObservationViews(nn.Module):
@@ -63,7 +65,7 @@ class ObservationViews(nn.Module):
         pipelines = []
         for i in range(num_views):
             if crop == "resized":
-                cropper = K.RandomResizedCrop((size, size), scale=tuple(scale), resample="BICUBIC")
+                cropper = RandomResizedCrop(size, scale)  # inside each image's valid region
             elif crop == "shift":
                 cropper = K.RandomCrop((size, size), padding=shift_pad, padding_mode="replicate")
             else:
@@ -79,13 +81,14 @@ class ObservationViews(nn.Module):
                 ops.append(K.RandomSolarize(thresholds=0.0, additions=0.0, p=sp))  # threshold exactly 0.5
             if flip_p > 0:
                 ops.append(K.RandomHorizontalFlip(p=flip_p))
-            pipelines.append(nn.Sequential(*ops))
+            pipelines.append(CropPipeline(*ops))
         self.pipelines = nn.ModuleList(pipelines)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        boxes = valid_boxes(images)
         x = to_float(images)
-        return [normalize(aug(x).clamp_(0, 1), self.mean, self.std) for aug in self.pipelines]
+        return [normalize(aug(x, boxes).clamp_(0, 1), self.mean, self.std) for aug in self.pipelines]
 
 
 class TemporalViews(nn.Module):

@@ -62,10 +62,12 @@ def hot_colormap(v: torch.Tensor) -> torch.Tensor:
 def attention_grid(images: torch.Tensor, maps: torch.Tensor, scale: int = 4, pad: int = 2) -> np.ndarray:
     """One row per image: the image, then one map per head (min-max normalised, upsampled to the image).
 
-    ``images`` uint8 (B, C, H, W), ``maps`` (B, heads, h, w); returns uint8 (rows, cols, 3)."""
+    ``images`` uint8 (B, C, H, W) or float pictures in [0, 1], ``maps`` (B, heads, h, w); returns uint8
+    (rows, cols, 3)."""
     b, heads = maps.shape[:2]
     size = images.shape[-1] * scale
-    pictures = F.interpolate(to_float(images.cpu()), size=(size, size), mode="nearest")
+    pictures = to_float(images.cpu()) if images.dtype == torch.uint8 else images.float().cpu()
+    pictures = F.interpolate(pictures, size=(size, size), mode="nearest")
     m = maps.float().cpu()
     lo = m.amin(dim=(-2, -1), keepdim=True)
     hi = m.amax(dim=(-2, -1), keepdim=True)
@@ -124,7 +126,8 @@ class AttentionMaps(pl.Callback):
             maps = cls_attention(backbone, x)
         finally:
             backbone.train(was_training)
-        grid = attention_grid(images, maps, self.scale)
+        pictures = eval_view(images, spec.image_size, (0.0,) * 3, (1.0,) * 3)  # the crop the maps are of
+        grid = attention_grid(pictures, maps, self.scale)
         if trainer.is_global_zero:
             out = Path(trainer.default_root_dir) / "attention_maps" / f"step{trainer.global_step:06d}.png"
             out.parent.mkdir(parents=True, exist_ok=True)

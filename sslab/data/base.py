@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from sslab.data.sampling import EpochShuffleSampler
+from sslab.errors import SSLabError
 
 
 def balanced_subset(labels: np.ndarray, size: int | None, seed: int) -> np.ndarray:
@@ -74,14 +76,38 @@ class SSLDataModule(pl.LightningDataModule):
 
     # -- Lightning ----------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        train, train_labels, test, test_labels = self.load_splits()
-        self.train_set = train
-        self.bank_set = Subset(train, balanced_subset(train_labels, self.eval_bank_size, self.seed).tolist())
-        self.test_set = Subset(
-            test, balanced_subset(test_labels, self.eval_test_size, self.seed + 1).tolist()
-        )
+        if self.train_set is None:
+            train, train_labels, test, test_labels = self.load_splits()
+            self.train_set = train
+            self.bank_set = Subset(
+                train, balanced_subset(train_labels, self.eval_bank_size, self.seed).tolist()
+            )
+            self.test_set = Subset(
+                test, balanced_subset(test_labels, self.eval_test_size, self.seed + 1).tolist()
+            )
+        if stage == "fit":  # Lightning's setup before training (build_method's early setup has no stage)
+            self.check_one_batch()
+
+    def check_one_batch(self) -> None:
+        """Refuse a training set smaller than one global batch: with drop_last it would train 0 steps and the
+        run would report an untrained model as trained."""
+        world = self.trainer.world_size if getattr(self, "trainer", None) is not None else 1
+        n = len(self.train_set)
+        if n < self.batch_size * world:
+            devices = f" x {world} devices" if world > 1 else ""
+            raise SSLabError(
+                f"data={self.name} has {n} training images, fewer than one batch "
+                f"(data.batch_size={self.batch_size}{devices}); lower data.batch_size or add images"
+            )
+
+    def run_dir(self) -> Path | None:
+        """The run directory once a Trainer is attached (``train.py`` makes it the ``default_root_dir``)."""
+        trainer = getattr(self, "trainer", None)
+        return Path(trainer.default_root_dir) if trainer is not None else None
+
+    def global_rank(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return trainer.global_rank if trainer is not None else 0
 
     def train_dataloader(self) -> DataLoader:
         self.setup()

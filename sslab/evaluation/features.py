@@ -6,6 +6,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from sslab.augment import to_float
+
 
 @torch.no_grad()
 def extract(
@@ -20,5 +22,6 @@ def extract(
 
 
 def raw_pixels(images: torch.Tensor) -> torch.Tensor:
-    """Flattened pixels as features: the baseline every representation should beat."""
-    return images.flatten(1).float()
+    """Flattened pixels as features: the baseline every representation should beat (a validity channel of
+    letterboxed images is dropped, see ``sslab.augment.crops``)."""
+    return to_float(images).flatten(1)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from sslab.augment.crops import CropPipeline, RandomResizedCrop, valid_boxes
 from sslab.augment.multicrop import eval_view, normalize, to_float
 from sslab.errors import SSLabError
 from sslab.modules.param_groups import adamw_param_groups
@@ -54,12 +55,10 @@ def finetune_param_groups(
     return adamw_param_groups([model.encoder, model.head], weight_decay, layer_decay, model.encoder)
 
 
-def train_views(size: int, crop_scale: Sequence[float]) -> nn.Module:
-    """Random resized crop + horizontal flip, batched on the device (kornia)."""
-    return nn.Sequential(
-        K.RandomResizedCrop((size, size), scale=tuple(crop_scale), resample="BICUBIC"),
-        K.RandomHorizontalFlip(),
-    )
+def train_views(size: int, crop_scale: Sequence[float]) -> CropPipeline:
+    """Random resized crop (inside each image's valid region, see ``sslab.augment.crops``) + horizontal
+    flip, batched on the device; call it as ``views(to_float(images), valid_boxes(images))``."""
+    return CropPipeline(RandomResizedCrop(size, crop_scale), K.RandomHorizontalFlip())
 
 
 @torch.no_grad()
@@ -144,7 +143,8 @@ def finetune(
                 y = batch["label"].to(device)
                 known = y >= 0
                 with torch.no_grad():
-                    x = normalize(views(to_float(batch["image"].to(device))), mean, std)
+                    images = batch["image"].to(device)
+                    x = normalize(views(to_float(images), valid_boxes(images)), mean, std)
                 loss = F.cross_entropy(model(x[known]), y[known], label_smoothing=label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
