@@ -19,6 +19,7 @@ image resolution is not part of any side (sslab skips it).
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,9 +51,9 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def main() -> None:
-    args = parse_args()
-    device = setup(args)
+def measure(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Time every side on the same keys; returns the per-side times (seconds per repetition) and how many
+    images get identical masks from batched sslab and scipy. Shared by this script and bench/gpu_suite.py."""
     vit = backbones.build("vit_t", img_size=args.image_size, patch_size=args.patch_size, depth=args.depth)
     vit = vit.to(device).eval()
     images = torch.rand(args.images, 3, args.image_size, args.image_size, device=device) * 2 - 1
@@ -83,6 +84,14 @@ def main() -> None:
     ref = np.stack(per_image_scipy())
     same = int((ours == ref).reshape(len(ours), -1).all(1).sum())
     same_first = int((ours[:, 0] == ref[:, 0]).reshape(len(ours), -1).all(1).sum())
+    return {"times": times, "same": same, "same_first": same_first}
+
+
+def main() -> None:
+    args = parse_args()
+    device = setup(args)
+    measured = measure(args, device)
+    times, same, same_first = measured["times"], measured["same"], measured["same_first"]
 
     n = args.images
     t_feat = median(times["features (ViT keys, shared)"])
