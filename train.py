@@ -1,23 +1,24 @@
 """Pretrain a self-supervised model: ``python train.py method=dino backbone=vit_s``."""
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
-from sslab.errors import SSLabError
+from sslab.errors import check_train_config, fail, user_message
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from sslab.pipeline import pipeline_main
-    from sslab.train import train
-
     try:
+        check_train_config(cfg)  # before the heavy imports: a mistyped setting is refused in a second
+        from sslab.pipeline import pipeline_main
+        from sslab.train import train
+
         pipeline_main(cfg) if cfg.get("pipeline") else train(cfg)
-    except SSLabError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except Exception as e:
+        message = user_message(e)
+        if message is None:
+            raise  # a bug: keep its traceback
+        fail(message)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 import netrc
 import os
 from pathlib import Path
 from typing import Any
 
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
 
 
 def wandb_mode() -> str:
@@ -67,5 +70,39 @@ def make_wandb_logger(
     )
 
 
+class AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing ``metrics.csv``; a run resumed into its own directory (by
+    hand or by a SLURM requeue) must keep the rows from before the interruption, so this one appends."""
+
+    def _check_log_dir_exists(self) -> None:  # Lightning's version deletes metrics.csv
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                header = next(csv.reader(f), [])
+            self.metrics_keys = sorted(set(header))
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        """New columns: rewrite the old rows under the wider header into a temporary file, then rename."""
+        with open(self.metrics_file_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        tmp = f"{self.metrics_file_path}.tmp-{os.getpid()}"
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.metrics_file_path)
+
+
+class AppendingCSVLogger(CSVLogger):
+    """``CSVLogger`` whose ``metrics.csv`` survives a resume into the same run directory."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> AppendingWriter:
+        if self._experiment is None:
+            os.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
 def make_csv_logger(save_dir: str | Path, name: str = "csv") -> CSVLogger:
-    return CSVLogger(save_dir=str(save_dir), name=name, version="")
+    return AppendingCSVLogger(save_dir=str(save_dir), name=name, version="")
