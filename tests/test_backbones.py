@@ -48,3 +48,24 @@ def test_bad_names_and_sizes_are_clear():
         build("vit_q", img_size=28)
     with pytest.raises(SSLabError, match="not a multiple of patch size"):
         build("vit_t", img_size=28, patch_size=5)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "convnext_t"])
+def test_channels_last_cnn_matches_contiguous_format(name):
+    torch.manual_seed(0)
+    nhwc = build(name, img_size=28).eval()  # channels_last is the CNN default
+    assert nhwc.channels_last
+    convs = [m for m in nhwc.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    nchw = build(name, img_size=28, channels_last=False).eval()
+    nchw.load_state_dict(nhwc.state_dict())
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        a, b = nhwc.forward_tokens(x), nchw.forward_tokens(x)
+    for key in ("cls", "patch"):
+        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-5), key
+
+
+def test_channels_last_is_refused_for_vits():
+    with pytest.raises(SSLabError, match="channels_last is for CNN backbones"):
+        build("vit_t", img_size=28, patch_size=7, channels_last=True)

@@ -28,11 +28,18 @@ def build(
     in_chans: int = 3,
     flexi: bool = False,
     flexi_patch_sizes: Sequence[int] | None = None,
+    weights: str | None = None,
+    channels_last: bool | None = None,
     **vit_overrides,
 ) -> Backbone:
     """Build an encoder by its short name; ``vit_overrides`` (depth, num_heads, ...) go to timm ViTs.
-    ``flexi`` makes a FlexiViT that trains with a patch size drawn per step from ``flexi_patch_sizes``."""
+    ``flexi`` makes a FlexiViT that trains with a patch size drawn per step from ``flexi_patch_sizes``.
+    ``weights``: a file loaded into the new encoder (``backbone.weights=FILE``): a train.py checkpoint's
+    evaluation encoder or an official DINO / DINOv2 / MAE / timm checkpoint (``sslab.init_from``).
+    ``channels_last`` (CNNs only; default true): NHWC weights and inputs."""
     if name in VIT:
+        if channels_last:
+            raise SSLabError(f"backbone.channels_last is for CNN backbones; {name} is a ViT, remove it")
         if img_size % patch_size:
             raise SSLabError(
                 f"image size {img_size} is not a multiple of patch size {patch_size}; "
@@ -59,10 +66,14 @@ def build(
             )
         if vit_overrides:
             raise SSLabError(f"{name} does not take ViT options {sorted(vit_overrides)}; remove them")
-        model = CNNBackbone(CNN[name], img_size, in_chans, drop_path_rate)
+        model = CNNBackbone(CNN[name], img_size, in_chans, drop_path_rate, channels_last is not False)
     else:
         raise SSLabError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     model.name = name
+    if weights:
+        from sslab.init_from import init_backbone  # reads checkpoints: above this floor, so imported late
+
+        init_backbone(model, weights, option="backbone.weights")
     return model
 
 

@@ -19,6 +19,7 @@ from sslab.cutler.pseudo_masks import coco_source, export_pseudo_masks
 from sslab.cutler.self_training import self_training_json
 from sslab.cutler.train_detector import predict, train_detector
 from sslab.evaluation.discovery import discovery_metrics
+from sslab.init_from import as_train_checkpoint, is_train_checkpoint
 from sslab.pipeline import register_stage_kind
 
 
@@ -30,6 +31,16 @@ def pipeline_data(overrides: list[str]):
     return cfg, dm
 
 
+def dino_checkpoint(ckpt: str, cfg: Any, stage_dir: Path) -> str:
+    """``pipeline.dino_ckpt`` as the train.py checkpoint MaskCut and the detector read. CutLER starts from the
+    official DINO weights, so an official file (``dino_vits8_pretrain.pth``, or the full checkpoint with its
+    ``teacher``) is loaded into the pipeline's backbone and written once into this stage's directory."""
+    if is_train_checkpoint(ckpt):
+        return ckpt
+    out = Path(stage_dir) / "dino_weights.ckpt"
+    return str(as_train_checkpoint(ckpt, cfg, out, option="pipeline.dino_ckpt"))
+
+
 def discovery_percent(gt_json: Path, predictions: list[dict] | Path) -> dict[str, float]:
     return {f"discovery/{k}": 100.0 * v for k, v in discovery_metrics(gt_json, predictions).items()}
 
@@ -39,7 +50,8 @@ def maskcut_stage(
 ) -> dict[str, Any]:
     """Pseudo-masks for the train split (``export_train``) and MaskCut alone scored on the test split;
     ``random_init: true`` gives the random-feature baseline (same architecture, no training)."""
-    _, dm = pipeline_data(overrides)
+    cfg, dm = pipeline_data(overrides)
+    ckpt = dino_checkpoint(ckpt, cfg, stage_dir)
     opts = {
         "n_masks": int(params.get("n_masks", 3)),
         "tau": float(params.get("tau", 0.15)),
@@ -65,6 +77,8 @@ def detector_stage(
     """Train the class-agnostic detector on ``train_json`` (round 0 from the DINO encoder, later rounds from
     the previous detector), resuming from its own last.ckpt, then score it on the test split."""
     cfg, dm = pipeline_data(overrides)
+    if init_from is not None:
+        init_from = dino_checkpoint(init_from, cfg, stage_dir)
     _, root = coco_source(dm, "train")
     test_gt, _ = coco_source(dm, "test")
     options = {k: v for k, v in params.items() if k not in ("max_steps", "batch_size", "lr", "copy_paste")}
