@@ -1,9 +1,16 @@
 """Pretrain a self-supervised model: ``python train.py method=dino backbone=vit_s``."""
 
+import sys
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
+from sslab.cli import listed_keys, open_overrides, quiet_startup, register_resolvers
 from sslab.errors import check_train_config, fail, user_message
+
+quiet_startup()
+register_resolvers()  # ${auto_precision:} resolves under --cfg job --resolve too
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -22,4 +29,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    # any Lightning Trainer option without Hydra's "+" (sslab.train refuses names the Trainer does not take)
+    listed = listed_keys(str(Path(__file__).parent / "conf" / "trainer" / "default.yaml"), "trainer")
+    sys.argv[1:] = open_overrides(sys.argv[1:], ["trainer"], listed)
     main()

@@ -36,18 +36,23 @@ def build_datamodule(cfg: DictConfig) -> SSLDataModule:
     return dm
 
 
-def build_backbone(cfg: DictConfig) -> backbones.Backbone:
+def build_backbone(cfg: DictConfig, pretrained: bool = True) -> backbones.Backbone:
+    """The configured encoder; ``pretrained=False`` skips ``backbone.weights`` (a random-init baseline, or a
+    model whose weights come from a checkpoint next)."""
     kwargs: dict[str, Any] = OmegaConf.to_container(cfg.backbone, resolve=True)
+    if not pretrained:
+        kwargs.pop("weights", None)
     return backbones.build(**kwargs)
 
 
-def build_method(cfg: DictConfig, dm: SSLDataModule) -> SSLMethod:
-    """Instantiate ``cfg.method`` around a fresh backbone, refusing method/backbone/data mismatches."""
+def build_method(cfg: DictConfig, dm: SSLDataModule, pretrained: bool = True) -> SSLMethod:
+    """Instantiate ``cfg.method`` around a fresh backbone, refusing method/backbone/data mismatches;
+    ``pretrained`` as in ``build_backbone``."""
     method_cfg: dict[str, Any] = OmegaConf.to_container(cfg.method, resolve=True)
     target = method_cfg.pop("_target_")
     method_name = method_cfg.pop("name", target.rsplit(".", 1)[-1])
     cls = get_class(target)
-    backbone = build_backbone(cfg)
+    backbone = build_backbone(cfg, pretrained)
     if cls.requires_masking and not backbone.supports_masking:
         raise SSLabError(
             f"method={method_name} masks patch tokens, which backbone={backbone.name} cannot do; use a ViT backbone"
@@ -64,5 +69,6 @@ def build_method(cfg: DictConfig, dm: SSLDataModule) -> SSLMethod:
         mean=tuple(dm.mean),
         std=tuple(dm.std),
         num_classes=len(dm.class_names),
+        channels=int(dm.channels),
     )
     return cls(backbone=backbone, data=spec, seed=int(cfg.seed), **method_cfg)

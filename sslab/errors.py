@@ -69,7 +69,7 @@ TRAIN_RULES: dict[str, tuple[Any, str]] = {
         "a whole number >= 0 (0: epochs)",
     ),
     "checkpoint.save_top_k": (lambda v: _whole(v) and v >= -1, "a whole number >= 0, or -1 (keep all)"),
-    "resume_schedules": (lambda v: v in ("keep", "reset"), "keep or reset"),
+    "resume_schedules": (lambda v: v in ("keep", "reset", "extend"), "keep, reset or extend"),
 }
 
 EVAL_RULES: dict[str, tuple[Any, str]] = {
@@ -87,7 +87,7 @@ EVAL_RULES: dict[str, tuple[Any, str]] = {
 }
 
 MISSING_HINTS = {
-    "data.path": "pass data.path=/path/to/images (a folder of class folders)",
+    "data.path": "pass data.path=/path/to/images (a folder of images: class folders, or a flat folder / any tree)",
     "ckpt": "pass ckpt=PATH, a .ckpt written by train.py (e.g. outputs/<date>/<time>/checkpoints/last.ckpt)",
 }
 
@@ -129,8 +129,10 @@ def check_train_config(cfg: DictConfig) -> None:
             "trainer.max_steps=-1 and trainer.max_epochs=-1 would train forever (the lr schedule needs an end); "
             "set one of them"
         )
-    if cfg.get("resume_schedules") == "reset" and not cfg.get("resume"):
-        raise SSLabError("resume_schedules=reset applies to a resumed run; pass resume=CKPT as well")
+    if cfg.get("resume_schedules") in ("reset", "extend") and not cfg.get("resume"):
+        raise SSLabError(
+            f"resume_schedules={cfg.resume_schedules} applies to a resumed run; pass resume=CKPT as well"
+        )
     resume = cfg.get("resume")
     if resume and str(resume) != "auto" and not Path(str(resume)).expanduser().exists():
         raise SSLabError(
@@ -138,7 +140,10 @@ def check_train_config(cfg: DictConfig) -> None:
         )
     init_from = cfg.get("init_from")
     if init_from and not Path(str(init_from)).expanduser().is_file():
-        raise SSLabError(f"init_from={init_from}: no such file; pass a .ckpt written by train.py")
+        raise SSLabError(
+            f"init_from={init_from}: no such file; pass a .ckpt written by train.py or an official "
+            "DINO / DINOv2 / MAE / timm weights file"
+        )
 
 
 def check_eval_config(cfg: DictConfig) -> None:
@@ -172,8 +177,11 @@ def os_fault(e: BaseException | None) -> OSError | None:
 
 def user_message(e: BaseException) -> str | None:
     """The one line for an exception a user can act on; None for a bug (which keeps its traceback)."""
-    if isinstance(e, SSLabError):
-        return str(e)
+    cause: BaseException | None = e
+    while cause is not None:  # e.g. Hydra's InstantiationException around a DataModule's SSLabError
+        if isinstance(cause, SSLabError):
+            return str(cause)
+        cause = cause.__cause__ or cause.__context__
     fault = os_fault(e)
     if fault is not None:
         where = fault.filename or "a file"

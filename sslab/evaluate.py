@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from sslab.backbones.flexi import flexible_backbones, set_eval_patch_size
 from sslab.build import build_datamodule, build_method
 from sslab.checkpoint_io import read_checkpoint
+from sslab.cli import fit_workers
 from sslab.devices import resolve_device
 from sslab.errors import SSLabError
 from sslab.evaluation.features import extract
@@ -18,6 +21,7 @@ from sslab.evaluation.finetune import finetune
 from sslab.evaluation.knn import knn_accuracy
 from sslab.evaluation.linear import linear_probe_accuracy
 from sslab.evaluation.zero_shot import chance_level, has_text_tower, zero_shot_accuracy
+from sslab.progress_lines import Phase, say, track
 from sslab.report import print_json_line, print_table
 
 EVALS = ("knn", "linear", "finetune", "zero_shot")
@@ -26,6 +30,45 @@ ALL = ("knn", "linear")  # eval=all (+ zero_shot for image-text methods); fine-t
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return read_checkpoint(path, "ckpt")
+
+
+def write_metrics(metrics: dict[str, Any], folder: str | Path | None = None) -> Path | None:
+    """``metrics.json`` in eval.py's run directory (beside ``eval.log``); non-finite numbers become null."""
+    if folder is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return None
+        folder = HydraConfig.get().runtime.output_dir
+    path = Path(folder) / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_finite(metrics), indent=2, sort_keys=True))
+    say(f"metrics: {path}")
+    return path
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def merge_data_overrides(run_data: Any, overrides: Any) -> Any:
+    """The checkpoint's data config with ``data.<field>=...`` from the command line (no ``+`` needed, so a
+    mistyped field is refused here, naming the fields there are)."""
+    # fields added to imagefolder after a checkpoint was written are accepted for it too
+    later = {"eval_path", "labels"} if run_data.get("name") == "imagefolder" else set()
+    unknown = sorted(set(overrides or {}) - set(run_data) - later)
+    if unknown:
+        raise SSLabError(
+            f"data.{unknown[0]} is not a field of the checkpoint's data config ({run_data.get('name')}); "
+            f"choose from {', '.join(sorted(k for k in run_data if not str(k).startswith('_')))}"
+        )
+    return OmegaConf.merge(run_data, overrides or {})
 
 
 def selected_evals(choice: str | list[str]) -> list[str]:
@@ -52,10 +95,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     evals = selected_evals(cfg.eval)
     ckpt = load_checkpoint(cfg.ckpt)
     run_cfg = OmegaConf.create(ckpt["sslab_config"])
-    run_cfg.data = OmegaConf.merge(run_cfg.data, cfg.get("data") or {})
+    run_cfg.data = merge_data_overrides(run_cfg.data, cfg.get("data"))
+    fit_workers(run_cfg)
     device = resolve_device(cfg.device)
+    say(f"evaluating {cfg.ckpt} (step {ckpt.get('global_step')}): {', '.join(evals)}")
     dm = build_datamodule(run_cfg)
-    model = build_method(run_cfg, dm)
+    model = build_method(run_cfg, dm, pretrained=False)  # its weights come from the checkpoint
     model.load_state_dict(ckpt["state_dict"])
     model.to(device)
     if cfg.eval == "all" and has_text_tower(model):
@@ -133,21 +178,26 @@ def evaluate_model(
     {"eval/...": top-1 in percent, "split_sizes": (bank, test)}."""
     metrics: dict[str, Any] = {}
     if "knn" in evals or "linear" in evals:
-        bank, bank_y = extract(model.embed_uint8, bank_loader)
-        test, test_y = extract(model.embed_uint8, test_loader)
+        with Phase("features (bank, test)", len(bank_loader) + len(test_loader), "batches") as phase:
+            bank, bank_y = extract(model.embed_uint8, phase.wrap(bank_loader))
+            test, test_y = extract(model.embed_uint8, phase.wrap(test_loader))
         metrics["split_sizes"] = (len(bank), len(test))
     else:
         metrics["split_sizes"] = (len(dm.bank_set), len(dm.test_set))
     if "knn" in evals:
-        metrics["eval/knn_top1"] = knn_accuracy(bank, bank_y, test, test_y, cfg.knn.k, cfg.knn.temperature)
+        with Phase(f"k-NN (k={cfg.knn.k}) on {len(bank)} bank / {len(test)} test features"):
+            metrics["eval/knn_top1"] = knn_accuracy(
+                bank, bank_y, test, test_y, cfg.knn.k, cfg.knn.temperature
+            )
     if "linear" in evals:
         linear_cfg = OmegaConf.to_container(cfg.linear)
         # null: the method decides (MAE's probe: BatchNorm without affine before the linear layer)
         if linear_cfg.get("batchnorm") is None:
             linear_cfg["batchnorm"] = bool(getattr(model, "probe_batchnorm", False))
-        metrics["eval/linear_top1"] = linear_probe_accuracy(
-            bank, bank_y, test, test_y, seed=int(run_cfg.seed), **linear_cfg
-        )
+        with Phase(f"linear probe: {linear_cfg['epochs']} epochs on {len(bank)} features"):
+            metrics["eval/linear_top1"] = linear_probe_accuracy(
+                bank, bank_y, test, test_y, seed=int(run_cfg.seed), **linear_cfg
+            )
     if "finetune" in evals:
         finetune_cfg = OmegaConf.to_container(cfg.finetune)
         if finetune_cfg.get("pool") is None:  # null: pool as the method's embed does (MAE: embed_pool)
@@ -167,5 +217,8 @@ def evaluate_model(
         )
         metrics["eval/finetune_top1"] = result["top1"]
     if "zero_shot" in evals:
-        metrics["eval/zero_shot_top1"] = zero_shot_accuracy(model, test_loader, dm.class_names, device)
+        with Phase(f"zero-shot: {len(dm.class_names)} class prompts"):
+            metrics["eval/zero_shot_top1"] = zero_shot_accuracy(
+                model, track(test_loader, "zero-shot test images"), dm.class_names, device
+            )
     return metrics

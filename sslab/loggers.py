@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import netrc
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,19 @@ def hydra_run_fields() -> dict[str, Any]:
     return fields
 
 
+RUN_FOLDER = re.compile(r"^(?:offline-)?run-(?P<time>\d{8}_\d{6})-(?P<id>[a-z0-9]+)$")
+
+
+def existing_run_id(save_dir: str | Path) -> str | None:
+    """The W&B run id of the newest run already in ``save_dir/wandb`` (``offline-run-<time>-<id>``), so a
+    run continued in its own directory (``resume=auto``, a SLURM requeue) continues the same W&B run."""
+    folder = Path(save_dir) / "wandb"
+    if not folder.is_dir():
+        return None
+    found = sorted((m["time"], m["id"]) for p in folder.iterdir() if (m := RUN_FOLDER.match(p.name)))
+    return found[-1][1] if found else None
+
+
 def make_wandb_logger(
     save_dir: str | Path,
     project: str = "sslab",
@@ -53,11 +67,13 @@ def make_wandb_logger(
     tags: list[str] | None = None,
     run_id: str | None = None,
 ) -> WandbLogger:
-    """Explicit ``group``/``job_type``/``tags`` win over the ones taken from the Hydra job."""
+    """Explicit ``group``/``job_type``/``tags`` win over the ones taken from the Hydra job. Without
+    ``run_id``, a run directory that already holds a W&B run continues that run (``existing_run_id``)."""
     mode = wandb_mode()
     os.environ.setdefault("WANDB_MODE", mode)
     auto = hydra_run_fields()
-    return WandbLogger(
+    run_id = run_id or existing_run_id(save_dir)
+    logger = WandbLogger(
         project=project,
         name=name,
         group=group or auto.get("group"),
@@ -68,6 +84,9 @@ def make_wandb_logger(
         id=run_id,
         resume="allow" if run_id else None,
     )
+    # Lightning passes anonymous=None, which wandb >= 0.19 answers with "The anonymous setting has no effect"
+    logger._wandb_init.pop("anonymous", None)
+    return logger
 
 
 class AppendingWriter(ExperimentWriter):

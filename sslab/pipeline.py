@@ -8,8 +8,11 @@ A pipeline config lists stages; each has a ``kind`` (a function in ``STAGE_KINDS
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sslab.errors import SSLabError
 
+log = logging.getLogger(__name__)
 STAGE_FILE = "stage.json"
 PIPELINE_FILE = "pipeline.json"
 
@@ -53,7 +57,7 @@ def train_stage(stage_dir: Path, overrides: list[str], params: dict[str, Any], *
         if wandb is not None:  # one W&B group per pipeline, the stage as the job type
             wandb.group = wandb.group or str(stage_dir.parent)[-128:]
             wandb.job_type = wandb.job_type or stage_dir.name
-    metrics = train(cfg)
+    metrics = train(cfg, overrides=stage_overrides)
     return {"ckpt": str(last), "metrics": _scalars(metrics)}
 
 
@@ -101,6 +105,52 @@ def find_pipeline_dir(resume: str, output_dir: str | Path, name: str) -> Path:
     return path
 
 
+def warn_ignored_overrides(given: list[str], recorded: list[str], pipeline_dir: Path) -> None:
+    """A resumed pipeline runs with the overrides it started with (its stages must agree with each other);
+    say so once for each new override the command line gives, naming it."""
+    for override in given:
+        if override not in recorded:
+            message = (
+                f"pipeline resume: {override} is ignored; the stages keep the overrides the pipeline started "
+                f"with ({PIPELINE_FILE} in {pipeline_dir}: {' '.join(recorded) or 'none'}); start a new "
+                "pipeline to change them"
+            )
+            log.warning(message)
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+class _PipelineHint(logging.Filter):
+    """Rewrites a stage's ``continue with resume=<stage dir>`` (the checkpoint's run) into the command that
+    continues the pipeline, in log records emitted while the stage runs."""
+
+    def __init__(self, old: str, new: str) -> None:
+        super().__init__()
+        self.old, self.new = old, new
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and self.old in record.msg:
+            record.msg = record.msg.replace(self.old, self.new)
+        return True
+
+
+@contextlib.contextmanager
+def continue_hint(stage_dir: Path, pipeline_dir: Path, name: str):
+    """A stage stopped by a signal names its own directory to resume, which is not how a pipeline
+    continues: point at the pipeline directory instead (``pipeline=NAME resume=<pipeline dir>``)."""
+    from sslab.callbacks.preemption import Preempted
+
+    old, new = f"resume={stage_dir}", f"pipeline={name} resume={pipeline_dir}"
+    hint = _PipelineHint(old, new)
+    logger = logging.getLogger("sslab.callbacks.preemption")
+    logger.addFilter(hint)
+    try:
+        yield
+    except Preempted as e:
+        raise Preempted(str(e).replace(old, new), e.requeued) from None
+    finally:
+        logger.removeFilter(hint)
+
+
 def resolve_inputs(inputs: dict[str, str], done: dict[str, dict]) -> dict[str, str]:
     """``{"init_from": "mae.ckpt"}`` -> the path stage ``mae`` reported as its ``ckpt`` output."""
     resolved = {}
@@ -131,6 +181,7 @@ def run_pipeline(cfg: DictConfig, pipeline_dir: Path) -> dict[str, dict]:
     record = pipeline_dir / PIPELINE_FILE
     if record.is_file():  # resumed: the stages see the overrides the pipeline started with
         overrides = json.loads(record.read_text())["overrides"]
+        warn_ignored_overrides(user_overrides(), overrides, pipeline_dir)
     else:
         overrides = [*spec.get("overrides", []), *user_overrides()]
         write_json_atomic(record, {"name": spec.name, "overrides": overrides, "stages": names})
@@ -146,7 +197,8 @@ def run_pipeline(cfg: DictConfig, pipeline_dir: Path) -> dict[str, dict]:
         stage_dir.mkdir(parents=True, exist_ok=True)
         print(f"pipeline {spec.name}: stage {stage['name']} ({stage['kind']}) -> {stage_dir}")
         inputs = resolve_inputs(stage.get("inputs") or {}, done)
-        outputs = STAGE_KINDS[stage["kind"]](stage_dir, overrides, stage.get("params") or {}, **inputs)
+        with continue_hint(stage_dir, pipeline_dir, spec.name):
+            outputs = STAGE_KINDS[stage["kind"]](stage_dir, overrides, stage.get("params") or {}, **inputs)
         write_json_atomic(marker, outputs)
         done[stage["name"]] = outputs
     return done

@@ -5,6 +5,10 @@ process ends in any way (kill -9 included), so a stale lock is simply taken over
 taken by a Hydra callback before Hydra writes ``.hydra/`` or ``train.log`` into the directory, so a refused
 second run changes nothing there; ``train()`` takes it again for pipeline stages and tests (a no-op when this
 process already holds it).
+
+``resume=auto`` continues the run it finds in that run's own directory (as a SLURM requeue does), so its
+checkpoints, ``metrics.csv`` and W&B run go on where they stopped; the callback picks that directory before
+Hydra creates a new one, and the lock guards it as any other.
 """
 
 from __future__ import annotations
@@ -73,6 +77,18 @@ class RunDirLock(Callback):
     def on_run_start(self, config: Any, **kwargs: Any) -> None:
         from omegaconf import open_dict, read_write
 
+        try:
+            continued = continued_run(config)
+        except SSLabError as e:
+            fail(str(e), log_file=False)
+        if continued is not None:  # resume=auto: back into the found run's directory
+            ckpt, step = continued
+            with read_write(config), open_dict(config):
+                config.hydra.run.dir = str(ckpt.parents[1])
+                config.resume = str(ckpt)
+            print(
+                f"resume=auto: continuing {ckpt.parents[1]} from step {step}, in that directory", flush=True
+            )
         run_dir = Path(str(config.hydra.run.dir))
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -101,6 +117,40 @@ class RunDirLock(Callback):
                 acquire_run_dir(HydraConfig.get().runtime.output_dir)
             except SSLabError as e:
                 fail(str(e), log_file=False)
+
+
+def continued_run(config: Any) -> tuple[Path, int | None] | None:
+    """For ``resume=auto`` (not a pipeline, no ``hydra.run.dir`` given): the newest ``checkpoints/last.ckpt``
+    under ``paths.output_dir`` of the same method and backbone, and its step. The full check (parameter
+    names, shapes, optimizer groups) follows in ``sslab.train`` once the model is built."""
+    if str(config.get("resume")) != "auto" or config.get("pipeline") or config.get("run_dir"):
+        return None
+    if any(o.split("=", 1)[0].lstrip("+") == "hydra.run.dir" for o in config.hydra.overrides.task):
+        return None
+    from sslab.resume import describe, find_resume_checkpoint
+
+    wanted = {
+        "method": {"name": config.method.get("name")},
+        "backbone": {"name": config.backbone.get("name"), "depth": config.backbone.get("depth")},
+    }
+    steps: dict[Path, int | None] = {}
+
+    def vet(path: Path) -> tuple[str, str | None]:
+        from sslab.checkpoint_io import read_checkpoint
+
+        ckpt = read_checkpoint(path, "resume", mmap=True)
+        saved = ckpt.get("sslab_config") or {}
+        steps[path] = ckpt.get("global_step")
+        what = describe(saved, steps[path])
+        saved_method = (saved.get("method") or {}).get("name")
+        if saved_method != wanted["method"]["name"]:
+            return what, f"method {saved_method}, not {wanted['method']['name']}"
+        if describe(saved) != describe(wanted):
+            return what, f"other architecture, this run asks for {describe(wanted)}"
+        return what, None
+
+    ckpt = find_resume_checkpoint("auto", config.paths.output_dir, vet=vet)
+    return (ckpt, steps.get(ckpt)) if ckpt is not None else None
 
 
 TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)$")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import shlex
@@ -17,7 +18,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.loggers import WandbLogger
 
@@ -31,14 +32,18 @@ from sslab.checkpoint_io import (
     checkpoint_step,
     save_final_checkpoint,
 )
+from sslab.cli import fit_workers, quiet_startup
 from sslab.errors import SSLabError, check_train_config
 from sslab.evaluation.features import extract, raw_pixels
 from sslab.evaluation.knn import knn_accuracy
 from sslab.methods.base import NonFiniteLossError
 from sslab.precision import check_precision, compile_model
+from sslab.progress_lines import Phase, format_duration, say
 from sslab.report import print_json_line, print_table
 from sslab.resume import check_resumable, find_resume_checkpoint, vet_checkpoint
 from sslab.rundir import acquire_run_dir, is_rank_zero, release_run_dir, remove_stale_temporaries
+
+quiet_startup()  # also when train() is called without train.py (pipelines, tests)
 
 # Warnings about our intended design (views made in on_after_batch_transfer), about library internals, and
 # Lightning's "dataloader is not resumable" on a mid-epoch resume: our samplers are indexed by the global step,
@@ -59,9 +64,63 @@ def run_dir_of(cfg: DictConfig) -> Path:
     return Path(cfg.paths.output_dir)
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
-    loggers = [instantiate(c, save_dir=run_dir) for c in (cfg.get("logger") or {}).values()]
+def run_name(cfg: DictConfig) -> str:
+    """The W&B run name: ``<method>-<backbone>-<data>``, e.g. ``dino-vit_t-fashion_mnist``."""
+    return f"{cfg.method.name}-{cfg.backbone.name}-{cfg.data.name}"
+
+
+def make_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
+    """The configured loggers; a W&B logger without a name is named by ``run_name``."""
+    loggers = []
+    for c in (cfg.get("logger") or {}).values():
+        extra = {}
+        if str(c.get("_target_", "")).endswith("make_wandb_logger") and not c.get("name"):
+            extra["name"] = run_name(cfg)
+        loggers.append(instantiate(c, save_dir=run_dir, **extra))
+    return loggers
+
+
+TRAINER_OPTIONS = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
+
+
+def check_trainer_keys(trainer_cfg: dict[str, Any]) -> None:
+    """``trainer.X=...`` needs no ``+`` (train.py adds it), so a mistyped name is refused here, in one line."""
+    unknown = sorted(set(trainer_cfg) - TRAINER_OPTIONS)
+    if unknown:
+        raise SSLabError(
+            f"trainer.{unknown[0]} is not an option of pytorch_lightning.Trainer; check the spelling "
+            "(e.g. trainer.max_steps, trainer.accumulate_grad_batches, trainer.gradient_clip_val)"
+        )
+
+
+class PhaseClock(pl.Callback):
+    """Splits ``fit`` into training and the end-of-run evaluation: placed before the evaluation callbacks,
+    its ``on_train_end`` runs before theirs (k-NN, linear probe, pictures), so it marks where training ended
+    and prints the evaluation's start line. Evaluations at epoch ends during training count as training."""
+
+    def __init__(self) -> None:
+        self.train_end: float | None = None
+        self.steps = 0
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.train_end = time.perf_counter()
+        self.steps = trainer.global_step
+        if trainer.is_global_zero:
+            say(f"end-of-run evaluation at step {trainer.global_step}: {', '.join(eval_names(trainer))}")
+
+
+def eval_names(trainer: pl.Trainer) -> list[str]:
+    names = {"KNNEval": "k-NN", "OnlineLinearProbe": "linear probe", "ZeroShotEval": "zero-shot"}
+    found = [names.get(type(c).__name__) for c in trainer.callbacks]
+    return [n for n in found if n] or ["none"]
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, clock: pl.Callback | None = None) -> pl.Trainer:
+    loggers = make_loggers(cfg, run_dir)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    # the progress bar's end line, then the clock's evaluation line, then the evaluations (on_train_end order)
+    bars = [c for c in callbacks if isinstance(c, ProgressBar)]
+    callbacks = [*bars, *([clock] if clock is not None else []), *(c for c in callbacks if c not in bars)]
     if not cfg.trainer.get(
         "enable_progress_bar", True
     ):  # trainer.enable_progress_bar=false wins over the bar
@@ -78,9 +137,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
         )
     )
     callbacks.append(Preemption(run_dir / "checkpoints" / "last.ckpt"))
-    trainer_kwargs: dict[str, Any] = cluster.adapt_trainer_kwargs(
-        OmegaConf.to_container(cfg.trainer, resolve=True)
-    )
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    check_trainer_keys(trainer_cfg)
+    trainer_kwargs: dict[str, Any] = cluster.adapt_trainer_kwargs(trainer_cfg)
     check_precision(trainer_kwargs.get("precision", "32-true"), trainer_kwargs.get("accelerator", "auto"))
     trainer_kwargs.setdefault("use_distributed_sampler", False)  # our DataModules shard the data per rank
     return pl.Trainer(
@@ -101,15 +160,14 @@ def backbone_label(backbone_cfg: DictConfig) -> str:
 def baseline_knn(cfg: DictConfig, dm, k: int, temperature: float) -> dict[str, float]:
     """k-NN top-1 of the same architecture at random init and of raw pixels, on the same splits."""
     torch.manual_seed(cfg.seed)
-    random_model = build_method(cfg, dm)
+    random_model = build_method(cfg, dm, pretrained=False)  # random init even with backbone.weights
     bank_loader, test_loader = dm.eval_dataloaders()
     out = {}
-    bank, bank_y = extract(random_model.embed_uint8, bank_loader)
-    test, test_y = extract(random_model.embed_uint8, test_loader)
-    out["random_init"] = knn_accuracy(bank, bank_y, test, test_y, k, temperature)
-    bank, bank_y = extract(raw_pixels, bank_loader)
-    test, test_y = extract(raw_pixels, test_loader)
-    out["raw_pixels"] = knn_accuracy(bank, bank_y, test, test_y, k, temperature)
+    for name, embed in (("random init", random_model.embed_uint8), ("raw pixels", raw_pixels)):
+        with Phase(f"baseline k-NN, {name}", len(bank_loader) + len(test_loader), "batches") as phase:
+            bank, bank_y = extract(embed, phase.wrap(bank_loader))
+            test, test_y = extract(embed, phase.wrap(test_loader))
+            out[name.replace(" ", "_")] = knn_accuracy(bank, bank_y, test, test_y, k, temperature)
     return out
 
 
@@ -119,26 +177,59 @@ def uninstall_signal_handlers(trainer: pl.Trainer) -> None:
             cb.uninstall()
 
 
-def close_wandb(trainer: pl.Trainer) -> None:
-    """Close W&B runs so the offline run file is complete on disk."""
+def close_wandb(trainer: pl.Trainer, summary: dict[str, Any] | None = None) -> None:
+    """Close W&B runs so the offline run file is complete on disk; ``summary`` goes into the run summary
+    first (the dashboard's run table: baselines, train and evaluation time)."""
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
+            if summary and trainer.is_global_zero:
+                logger.experiment.summary.update(summary)
             logger.experiment.finish()
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
+SUMMARY_KEYS = ("train_time_s", "eval_time_s", "global_step")
+
+
+def step_limit(cfg: DictConfig, overrides: list[str]) -> str:
+    """Make the limit the user typed the one that applies, and say which it is.
+
+    ``trainer.max_epochs=N`` on the command line without ``trainer.max_steps`` means N epochs: the default
+    ``max_steps`` (1000) would otherwise stop the run first, silently. Returns the line printed at start."""
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    trainer = cfg.trainer
+    epochs_given = "trainer.max_epochs" in keys and trainer.get("max_epochs") not in (-1, None)
+    if epochs_given and "trainer.max_steps" not in keys and trainer.get("max_steps", -1) != -1:
+        with open_dict(trainer):
+            trainer.max_steps = -1
+    steps, epochs = trainer.get("max_steps", -1), trainer.get("max_epochs", -1)
+    if steps != -1 and epochs not in (-1, None):
+        return f"training limit: {steps} steps or {epochs} epochs, whichever comes first"
+    if steps != -1:
+        return f"training limit: {steps} steps (trainer.max_steps)"
+    return f"training limit: {epochs} epochs (trainer.max_epochs; trainer.max_steps=-1)"
+
+
+def train(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
+    """One training run. ``overrides``: the settings the user typed (default: the Hydra command line), which
+    decide whether ``trainer.max_epochs`` or ``trainer.max_steps`` applies (``step_limit``)."""
     check_train_config(cfg)
+    limit = step_limit(cfg, user_overrides() if overrides is None else overrides)
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     newly_locked = acquire_run_dir(run_dir)  # a no-op when the Hydra callback already took it
     try:
-        return _train(cfg, run_dir)
+        return _train(cfg, run_dir, limit)
     finally:
         if newly_locked:
             release_run_dir(run_dir)
 
 
-def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def _train(cfg: DictConfig, run_dir: Path, limit: str = "") -> dict[str, Any]:
+    if is_rank_zero():
+        say(f"run directory: {run_dir}")
+        if limit:
+            say(limit)
+    fit_workers(cfg)
     remove_stale_temporaries(run_dir / "checkpoints")
     WRITTEN.clear()  # the NaN clean-up deletes only what this run wrote
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -156,9 +247,13 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     )
     if ckpt:  # before compiling, which renames the parameters
         check_resumable(ckpt, model, resolved, "resume" if not own else "requeued job's own checkpoint")
+        model.resume_step = checkpoint_step(Path(ckpt))  # where resume_schedules=extend starts stretching
+        if is_rank_zero():
+            say(f"resuming from {ckpt} (step {model.resume_step}, schedules: {cfg.resume_schedules})")
     if cfg.get("compile"):
         compile_model(model, cfg.trainer.get("accelerator", "auto"))
-    trainer = build_trainer(cfg, run_dir)
+    clock = PhaseClock()
+    trainer = build_trainer(cfg, run_dir, clock)
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved)
     start = time.perf_counter()
@@ -177,10 +272,13 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         raise SSLabError(nan_recovery(str(e), trainer.global_step, run_dir, cfg, ckpt)) from None
     finally:  # whatever ended fit (NaN loss, a bad batch, a signal), the process gets its handlers back
         uninstall_signal_handlers(trainer)
-    elapsed = time.perf_counter() - start
+    fit_end = time.perf_counter()
+    train_end = clock.train_end or fit_end  # where the end-of-run evaluation began
+    elapsed = train_end - start
+    if trainer.is_global_zero and clock.train_end is not None:
+        say(f"end-of-run evaluation: done in {format_duration(fit_end - train_end)}")
     save_final_checkpoint(trainer, run_dir / "checkpoints" / "last.ckpt")
     in_sync = cluster.ranks_in_sync(model)
-    close_wandb(trainer)
 
     metrics: dict[str, Any] = dict(getattr(model, "eval_results", {}))
     metrics.update(
@@ -190,9 +288,14 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if ckpt:
         metrics["resumed_from"] = str(ckpt)
     knn_cfg = (cfg.get("callbacks") or {}).get("knn") or {"k": 20, "temperature": 0.07}
-    if cfg.final_eval.baselines and trainer.is_global_zero:
+    evaluation_on = not cfg.get("skip_evaluation") and not getattr(dm, "eval_off_reason", None)
+    if cfg.final_eval.baselines and evaluation_on and trainer.is_global_zero:
         base = baseline_knn(cfg, dm, knn_cfg["k"], knn_cfg["temperature"])
         metrics.update({f"baseline/{k}_knn_top1": v for k, v in base.items()})
+    eval_time = time.perf_counter() - train_end
+    metrics["eval_time_s"] = round(eval_time, 1)
+    summary = {k: v for k, v in metrics.items() if k.startswith("baseline/") or k in SUMMARY_KEYS}
+    close_wandb(trainer, summary)
     if trainer.is_global_zero:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         rows = {
@@ -209,11 +312,12 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             rows["raw pixels"] = {"k-NN top-1": metrics["baseline/raw_pixels_knn_top1"]}
         n_test = len(dm.test_set)
         print_table(
-            f"{dm.name} test set ({n_test} images), {trainer.global_step} steps in {elapsed:.0f} s",
+            f"{dm.name} test set ({n_test} images), step {trainer.global_step}",
             rows,
             ["k-NN top-1", "linear top-1"]
             + (["zero-shot top-1"] if "eval/zero_shot_top1" in metrics else []),
         )
+        print(f"{trainer.global_step} steps in {elapsed:.0f} s; evaluation {eval_time:.0f} s")
         print(f"run directory: {run_dir}")
         print_json_line(metrics)
     return metrics

@@ -215,6 +215,25 @@ def test_dino_full_checkpoint_takes_the_teacher_and_drops_its_head(tmp_path, cap
     assert "dino_full layout" in caplog.text and "dropped 8 head/decoder tensors: head.* (8)" in caplog.text
 
 
+def test_random_init_baselines_and_reopened_runs_skip_backbone_weights(tmp_path):
+    """``pretrained=False`` (the random-init baseline, a model whose weights come from a checkpoint next)
+    builds the encoder without reading ``backbone.weights``, so a baseline never shows the official
+    weights and a moved weights file does not break evaluation."""
+    ckpt = dino_full_checkpoint()
+    path = save(ckpt, tmp_path / "full.pth")
+    args = ("data.image_size=32", "data.patch_size=16", "data.local_crop_size=16", *SMALL)
+    teacher = {
+        k.removeprefix("backbone."): v for k, v in ckpt["teacher"].items() if k.startswith("backbone.")
+    }
+    cfg = make_cfg(tmp_path, *args, f"backbone.weights={path}")
+    assert_loaded(build_backbone(cfg), teacher)
+    random = build_backbone(cfg, pretrained=False)
+    assert not torch.equal(ours(random)["blocks.0.attn.qkv.weight"], teacher["blocks.0.attn.qkv.weight"])
+    moved = make_cfg(tmp_path, *args, f"backbone.weights={tmp_path / 'moved.pth'}")
+    model = build_method(moved, build_datamodule(moved), pretrained=False)  # no read of the missing file
+    assert model.backbone is not None
+
+
 def test_dinov2_hub_file_with_registers(tmp_path):
     src = dinov2_hub(registers=4)
     path = save(src, tmp_path / "dinov2_vits14_reg4_pretrain.pth")

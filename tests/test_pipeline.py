@@ -126,6 +126,7 @@ def test_killed_pipeline_resumes_at_its_stage_and_step(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1 and "SIGTERM at step" in err, err
+    assert f"continue with pipeline=two_stage resume={pipe}" in err.splitlines()[-1]  # not the stage's dir
     first_marker = pipe / "first" / "stage.json"
     first_written = first_marker.stat().st_mtime_ns
     assert not (pipe / "second" / "stage.json").exists()
@@ -135,6 +136,7 @@ def test_killed_pipeline_resumes_at_its_stage_and_step(tmp_path):
     rerun = subprocess.run([*args, f"resume={pipe}"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "stage first already done, skipped" in rerun.stdout
+    assert "is ignored" not in rerun.stderr  # the same overrides as the first launch
     assert first_marker.stat().st_mtime_ns == first_written
     second = json.loads((pipe / "second" / "stage.json").read_text())
     assert second["metrics"]["resumed_from"] == str(second_ckpts / "last.ckpt")

@@ -33,6 +33,7 @@ from sslab.cutler.detector_data import load_image
 from sslab.devices import resolve_device
 from sslab.errors import SSLabError
 from sslab.modules.maskcut import maskcut, patch_keys, upsample_masks
+from sslab.progress_lines import track
 
 CATEGORIES = [{"id": 1, "name": "object"}]
 
@@ -84,7 +85,8 @@ def maskcut_annotations(
     device = resolve_device(device) if isinstance(device, str) else device
     backbone = backbone.to(device).eval()
     annotations: list[dict[str, Any]] = []
-    for start in range(0, len(images), batch_size):
+    starts = range(0, len(images), batch_size)
+    for start in track(starts, f"MaskCut: {len(images)} images, {n_masks} cuts each", unit="batches"):
         infos = images[start : start + batch_size]
         x = model_input(
             [load_image(Path(root), i["file_name"]) for i in infos], image_size, mean, std, device
@@ -128,7 +130,7 @@ def load_backbone(ckpt_path: str | Path, random_init: bool = False) -> tuple[nn.
     run_cfg = OmegaConf.create(ckpt["sslab_config"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(run_cfg.get("seed", 0)))
-        backbone = build_backbone(run_cfg)
+        backbone = build_backbone(run_cfg, pretrained=False)  # random init, or the checkpoint next
     if not random_init:
         init_backbone(backbone, ckpt_path, ckpt)  # the checkpoint already read above
     return backbone.eval(), run_cfg

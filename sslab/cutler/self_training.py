@@ -19,6 +19,7 @@ from pycocotools import mask as mask_utils
 from sslab.cutler.detector_data import compressed_rle, load_coco
 from sslab.cutler.pseudo_masks import write_coco
 from sslab.errors import SSLabError
+from sslab.progress_lines import track
 
 OVERLAP_IOU = 0.5
 
@@ -68,7 +69,7 @@ def self_training_json(
         new_by_image[p["image_id"]].append(p)
 
     annotations = []
-    for im in prev["images"]:
+    for im in track(prev["images"], f"self-training labels (score >= {threshold})", unit="images"):
         for a in merge_round(old_by_image[im["id"]], new_by_image[im["id"]], threshold):
             rle = _rle(a["segmentation"])
             area = float(mask_utils.area(rle))

@@ -30,6 +30,7 @@ from sslab.data.atari_games import ram_labels
 from sslab.devices import resolve_device
 from sslab.errors import SSLabError
 from sslab.evaluation.linear import Standardize
+from sslab.progress_lines import Phase, say
 
 if TYPE_CHECKING:
     from sslab.methods.base import SSLMethod
@@ -183,13 +184,13 @@ def evaluate_checkpoints(cfg) -> dict[str, Any]:
 
     from sslab.build import build_datamodule, build_method
     from sslab.data.atari import AtariDataModule
-    from sslab.evaluate import load_checkpoint
+    from sslab.evaluate import load_checkpoint, merge_data_overrides
     from sslab.report import print_json_line, print_table
 
     paths = [cfg.ckpt, *(cfg.get("compare") or [])]
     ckpts = [load_checkpoint(p) for p in paths]
     base_cfg = OmegaConf.create(ckpts[0]["sslab_config"])
-    base_cfg.data = OmegaConf.merge(base_cfg.data, cfg.get("data") or {})
+    base_cfg.data = merge_data_overrides(base_cfg.data, cfg.get("data"))
     dm = build_datamodule(base_cfg)
     if not isinstance(dm, AtariDataModule):
         raise SSLabError(f"eval=atari_probe needs a checkpoint trained with data=atari, not data={dm.name}")
@@ -197,13 +198,17 @@ def evaluate_checkpoints(cfg) -> dict[str, Any]:
     opts = OmegaConf.to_container(cfg.atari_probe, resolve=True)
     random_init = bool(opts.pop("random_init", True))
     pool = str(opts.pop("pool", "cls"))
-    splits = {g: dm.probe_split(g) for g in dm.games}
+    with Phase(f"Atari probe episodes ({', '.join(dm.games)})", len(dm.games), "games") as phase:
+        splits = {}
+        for g in dm.games:
+            splits[g] = dm.probe_split(g)
+            phase.advance()
 
     encoders = []
     for path, ckpt in zip(paths, ckpts, strict=True):
         run_cfg = OmegaConf.create(ckpt["sslab_config"])
         run_cfg.data = base_cfg.data  # every encoder is probed on the same episodes
-        model = build_method(run_cfg, dm)
+        model = build_method(run_cfg, dm, pretrained=False)  # its weights come from the checkpoint
         model.load_state_dict(ckpt["state_dict"])
         name = f"{run_cfg.method.name} @ step {ckpt.get('global_step')}"
         if any(n == name for n, _ in encoders):
@@ -211,16 +216,23 @@ def evaluate_checkpoints(cfg) -> dict[str, Any]:
         encoders.append((name, model))
     if random_init:
         torch.manual_seed(int(base_cfg.seed))
-        encoders.append((f"random init ({base_cfg.backbone.name})", build_method(base_cfg, dm)))
+        encoders.append(
+            (f"random init ({base_cfg.backbone.name})", build_method(base_cfg, dm, pretrained=False))
+        )
 
     seed = int(base_cfg.seed)
     per_variable: dict[str, dict[str, dict[str, float]]] = {}
-    for name, model in encoders:
-        model.to(device)
-        per_variable[name] = {
-            g: probe_game(pooled_embed(model, pool), g, splits[g], seed=seed, **opts) for g in dm.games
-        }
-        model.cpu()
+    epochs = opts.get("epochs", 100)
+    say(f"Atari probe: {len(encoders)} encoders x {len(dm.games)} games, {epochs} probe epochs each")
+    with Phase("Atari probe", len(encoders) * len(dm.games), "probes") as phase:
+        for name, model in encoders:
+            model.to(device)
+            per_variable[name] = {}
+            for g in dm.games:
+                per_variable[name][g] = probe_game(pooled_embed(model, pool), g, splits[g], seed=seed, **opts)
+                phase.advance()
+                phase.note(f"{name}, {g}: mean F1 {summarize({g: per_variable[name][g]})[g]:.3f}")
+            model.cpu()
     table = {name: summarize(v) for name, v in per_variable.items()}
     sizes = ", ".join(f"{g} {len(s['train_obs'])}/{len(s['test_obs'])}" for g, s in splits.items())
     print_table(

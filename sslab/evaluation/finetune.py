@@ -28,6 +28,7 @@ from sslab.augment.multicrop import eval_view, normalize, to_float
 from sslab.errors import SSLabError
 from sslab.modules.param_groups import adamw_param_groups
 from sslab.modules.schedules import CosineSchedule
+from sslab.progress_lines import Phase, track
 
 
 class Classifier(nn.Module):
@@ -131,7 +132,7 @@ def finetune(
     views = train_views(image_size, crop_scale).to(device)
     epoch_loss: list[float] = []
     rng_devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=rng_devices):
+    with torch.random.fork_rng(devices=rng_devices), Phase("fine-tune", total, "steps") as phase:
         torch.manual_seed(seed)
         step = 0
         for _ in range(epochs):
@@ -151,6 +152,10 @@ def finetune(
                 optimizer.step()
                 running += loss.detach()
                 step += 1
+                phase.advance()
             epoch_loss.append(float(running) / steps_per_epoch)
-    top1 = classifier_accuracy(model, test_loader, image_size, mean, std, device)
+            phase.note(f"epoch {len(epoch_loss)}/{epochs}: loss {epoch_loss[-1]:.3f}")
+    top1 = classifier_accuracy(
+        model, track(test_loader, "fine-tune: test accuracy"), image_size, mean, std, device
+    )
     return {"top1": top1, "epoch_loss": epoch_loss, "model": model}

@@ -7,7 +7,8 @@ uninterrupted run would have used, and so the checkpoint can store the schedule 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from itertools import pairwise
 
 
 def warmup_fraction(step: int, warmup: int, linspace: bool) -> float:
@@ -77,3 +78,73 @@ class LinearWarmupSchedule:
 
     def state_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class ExtendedCosineSchedule:
+    """A ``CosineSchedule`` whose end moved later when a run was resumed with ``resume_schedules=extend``.
+
+    Both are value = final + (base - final) * (1 + cos(pi * p)) / 2 of a progress p in [0, 1] past the
+    warm-up. ``CosineSchedule`` has p = (step - warmup) / (total - warmup). Extending at the resume step s to
+    the new end T keeps p up to s and stretches the rest of the curve over the remaining steps:
+
+        p(step) = p_s + (1 - p_s) * (step - s) / (T - s),   s <= step <= T,
+
+    so the value at s is the old schedule's (the lr is continuous) and the final value is reached at T.
+    ``knots`` hold (s, p_s) of each extension, so p is piecewise linear through (warmup, 0), the knots and
+    (T, 1), and a run extended twice still gives every past step its old value. A schedule that had already
+    ended at s (p_s = 1) stays at its final value.
+    """
+
+    base: float
+    final: float
+    total_steps: int
+    warmup_steps: int = 0
+    warmup_start: float = 0.0
+    linspace: bool = False
+    knots: tuple[tuple[int, float], ...] = ()
+
+    def progress(self, step: int) -> float:
+        points = [(self.warmup_steps, 0.0), *self.knots, (self.total_steps, 1.0)]
+        for (s0, p0), (s1, p1) in pairwise(points):
+            if step <= s1:
+                return p0 + (p1 - p0) * (step - s0) / max(1, s1 - s0)
+        return 1.0
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.warmup_start + (self.base - self.warmup_start) * warmup_fraction(
+                step, self.warmup_steps, self.linspace
+            )
+        p = min(1.0, max(0.0, self.progress(step)))
+        return self.final + 0.5 * (self.base - self.final) * (1.0 + math.cos(math.pi * p))
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+
+def extend_cosine(schedule: object, step: int, total_steps: int) -> object:
+    """``schedule`` continued from ``step`` to a later end ``total_steps`` (see ``ExtendedCosineSchedule``).
+    Inside the warm-up the cosine simply gets the new end; schedules that are not cosines, or whose end does
+    not move later, are returned as they are."""
+    if not isinstance(schedule, CosineSchedule | ExtendedCosineSchedule):
+        return schedule
+    if total_steps <= schedule.total_steps:
+        return schedule
+    if step <= schedule.warmup_steps:
+        return replace(schedule, total_steps=total_steps)
+    if isinstance(schedule, CosineSchedule):
+        span = max(1, schedule.total_steps - schedule.warmup_steps)
+        p_s, knots = min(1.0, (step - schedule.warmup_steps) / span), ()
+    else:
+        p_s, knots = min(1.0, schedule.progress(step)), schedule.knots
+    kept = tuple(k for k in knots if k[0] < step)
+    return ExtendedCosineSchedule(
+        schedule.base,
+        schedule.final,
+        total_steps,
+        schedule.warmup_steps,
+        schedule.warmup_start,
+        schedule.linspace,
+        (*kept, (int(step), float(p_s))),
+    )

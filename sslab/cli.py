@@ -1,0 +1,95 @@
+"""What ``train.py`` and ``eval.py`` do before Hydra composes a config, kept free of torch and Lightning so that
+``--help``, ``--cfg job --resolve`` and a mistyped setting answer in about a second.
+
+- ``register_resolvers``: the config's ``${auto_precision:}`` resolver, so ``--cfg job --resolve`` works
+  without importing ``sslab.build``; torch is imported only when the value is actually resolved.
+- ``open_overrides``: ``data.eval_bank_size=100`` in eval.py and ``trainer.gradient_clip_val=1`` in train.py
+  without Hydra's ``+`` for keys the config does not list (those settings belong to the checkpoint's data
+  config and to Lightning's Trainer, so they cannot all be listed); unknown keys are refused later with one
+  line (``check_trainer_keys``, ``sslab.evaluate``).
+- ``fit_workers``: no more data-loader workers than CPU cores (torch warns about it, once per loader).
+- ``quiet_startup``: library start-up chatter that tells a user nothing (faiss' loader, Lightning's
+  ``srun`` hint outside SLURM, the litlogger tip).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import warnings
+from collections.abc import Iterable
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from sslab.progress_lines import say
+
+
+def auto_precision() -> str:
+    """bf16 autocast on GPUs that support it, full fp32 elsewhere."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("auto_precision"):
+        OmegaConf.register_new_resolver("auto_precision", auto_precision)
+
+
+OVERRIDE = re.compile(r"^(?P<key>[A-Za-z_][\w.]*)=(?P<value>.*)$", re.DOTALL)
+
+
+def open_overrides(argv: list[str], prefixes: Iterable[str], listed: Iterable[str] = ()) -> list[str]:
+    """``data.x=1`` -> ``++data.x=1`` for every ``prefix.`` key not in ``listed`` (``++``: add or override).
+    Arguments with ``+``/``~``, group choices (``data=stamps``) and flags are left as they are."""
+    prefixes, listed = tuple(f"{p}." for p in prefixes), set(listed)
+    out = []
+    for arg in argv:
+        m = OVERRIDE.match(arg)
+        if m and m["key"].startswith(prefixes) and m["key"] not in listed:
+            arg = f"++{arg}"
+        out.append(arg)
+    return out
+
+
+def listed_keys(yaml_path: str, prefix: str) -> set[str]:
+    """``prefix.key`` for each top-level key of a config file (the keys Hydra accepts without ``+``)."""
+    try:
+        node = OmegaConf.load(yaml_path)
+    except OSError:
+        return set()
+    return {f"{prefix}.{k}" for k in node if k != "defaults"}
+
+
+def fit_workers(cfg: DictConfig) -> None:
+    """More loader workers than CPU cores only adds contention, and torch warns about it (twice: train and
+    evaluation loaders); use the cores there are and say so once."""
+    wanted = (cfg.get("data") or {}).get("num_workers")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if isinstance(wanted, int) and wanted > cores:
+        with open_dict(cfg.data):
+            cfg.data.num_workers = cores
+        say(f"data.num_workers={wanted} > {cores} CPU cores here: using {cores}")
+
+
+QUIET_WARNINGS = (
+    r".*The `srun` command is available on your system but is not used.*",  # Lightning, outside SLURM jobs
+)
+
+
+class _DropTip(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in str(record.msg)
+
+
+def quiet_startup() -> None:
+    """Silence start-up lines that tell a user nothing; call before the libraries are imported."""
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # ten INFO lines, three "ModuleNotFoundError"
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    tip = _DropTip()
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(tip)
