@@ -155,7 +155,28 @@ def test_registers_work(tmp_path):
     x = torch.randn(3, 3, 28, 28)
     out = model.step({"views": x})
     assert torch.isfinite(out["loss"]) and out["features"].shape == (3, 192)
-    assert model.forward_masked(x)["pred"].shape == (3, 16, 147)
+    assert model.forward_masked(x)["pred"].shape == (3, 16, 49)  # 7 x 7 x 1 channel (Fashion-MNIST)
+
+
+@pytest.mark.parametrize("method", ["mae", "diffmae"])
+def test_greyscale_data_is_reconstructed_in_its_own_channel(tmp_path, method):
+    """Fashion-MNIST has 1 channel: the decoder predicts 7 x 7 x 1 values per patch, the targets are the
+    grey channel, and every reconstruction column is grey (R = G = B), not colour noise."""
+    extra = ["method.sample_steps=3", "method.decoder_depth=1"] if method == "diffmae" else []
+    cfg = mim_cfg(tmp_path, method, *extra)
+    dm = build_datamodule(cfg)
+    model = build_method(cfg, dm)
+    assert dm.channels == 1 and model.data.channels == 1
+    assert model.patch_dim == 7 * 7 and model.decoder.pred.out_features == 7 * 7
+    x = torch.randn(2, 1, 28, 28).expand(-1, 3, -1, -1)  # the views repeat grey to RGB for the encoder
+    target, _, _ = model.pixel_targets(x)
+    assert target.shape == (2, 16, 49)
+    assert torch.isfinite(model.step({"views": x})["loss"])
+    images = torch.stack([dm.test_set[i]["image"] for i in range(2)])
+    columns = model.reconstruct(images)
+    for name, picture in columns.items():
+        assert picture.shape == (2, 3, 28, 28), name
+        assert torch.equal(picture[:, 0], picture[:, 1]) and torch.equal(picture[:, 0], picture[:, 2]), name
 
 
 def test_cnn_backbone_is_refused(tmp_path):

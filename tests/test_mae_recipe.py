@@ -83,7 +83,7 @@ def test_pos_embed_works_at_another_patch_grid(tmp_path):
     x = torch.randn(2, 3, 42, 42)
     torch.manual_seed(0)
     fwd = model.forward_masked(x)
-    assert fwd["pred"].shape == (2, 36, 147) and fwd["mask"].sum(1).tolist() == [27, 27]
+    assert fwd["pred"].shape == (2, 36, 49) and fwd["mask"].sum(1).tolist() == [27, 27]  # 7 x 7 x 1 (grey)
     assert torch.isfinite(model.step({"views": x})["loss"])
     assert model.embed(x).shape == (2, 192)
     assert torch.equal(model.backbone.vit.pos_embed.detach(), before)

@@ -16,17 +16,29 @@ from sslab.augment import eval_view
 from sslab.backbones import Backbone
 from sslab.backbones.flexi import draw_patch_size, flexible_backbones
 from sslab.errors import SSLabError
+from sslab.modules.collapse import effective_rank, feature_std
+from sslab.modules.lars import LARS
 from sslab.modules.param_groups import adamw_param_groups
-from sslab.modules.schedules import CosineSchedule, LinearWarmupSchedule
+from sslab.modules.schedules import (
+    CosineSchedule,
+    ExtendedCosineSchedule,
+    LinearWarmupSchedule,
+    extend_cosine,
+)
 
 log = logging.getLogger(__name__)
-SCHEDULE_TYPES = {"CosineSchedule": CosineSchedule, "LinearWarmupSchedule": LinearWarmupSchedule}
+SCHEDULE_TYPES = {
+    "CosineSchedule": CosineSchedule,
+    "LinearWarmupSchedule": LinearWarmupSchedule,
+    "ExtendedCosineSchedule": ExtendedCosineSchedule,
+}
 # Peak lr = base_lr x f(global batch): DINO/iBOT/MAE scale linearly from 256 (Goyal et al., 2017); DINOv2
 # (``optim.scaling_rule: sqrt_wrt_1024``) by the square root from 1024.
 LR_SCALINGS: dict[str, Callable[[int], float]] = {
     "linear_wrt_256": lambda batch: batch / 256,
     "sqrt_wrt_1024": lambda batch: math.sqrt(batch / 1024),
 }
+OPTIMIZERS = ("adamw", "lars")
 
 
 @dataclass(frozen=True)
@@ -38,6 +50,7 @@ class DataSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     num_classes: int = 0
+    channels: int = 3  # the data's own channels (1 for greyscale), before the views repeat grey to RGB
 
 
 class NonFiniteLossError(SSLabError):
@@ -53,6 +66,8 @@ class SSLMethod(pl.LightningModule):
     warm-up (``lr_warmup_linspace``: DINO's ``np.linspace`` form or MAE's step / warmup) then cosine decay,
     and an optional cosine weight-decay schedule. Schedules are plain objects of the global step, set by
     hand each step, and stored in checkpoints so that a resumed run continues them exactly.
+    ``optimizer=lars`` swaps AdamW for LARS (``sslab.modules.lars``; VICReg's recipe, trust coefficient
+    ``lars_eta``, momentum ``lars_momentum``) over the same groups, with the same lr and wd schedules.
     """
 
     requires_masking: bool = False
@@ -77,6 +92,9 @@ class SSLMethod(pl.LightningModule):
         layer_decay: float | None = None,
         patch_embed_lr_mult: float = 1.0,
         lr_scaling: str = "linear_wrt_256",
+        optimizer: str = "adamw",
+        lars_momentum: float = 0.9,
+        lars_eta: float = 0.001,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -98,12 +116,33 @@ class SSLMethod(pl.LightningModule):
                 f"method.lr_scaling={lr_scaling!r} is unknown; choose one of {', '.join(LR_SCALINGS)}"
             )
         self.lr_scaling = lr_scaling
+        if optimizer not in OPTIMIZERS:
+            raise SSLabError(
+                f"method.optimizer={optimizer!r} is unknown; choose one of {', '.join(OPTIMIZERS)}"
+            )
+        self.optimizer_name, self.lars_momentum, self.lars_eta = optimizer, lars_momentum, lars_eta
         self.seed = seed
         self.views = self.make_views()
         self.schedules: dict[str, Any] = {}
         self.steps_per_epoch = 1
         self.trained_step = 0
         self.sslab_config: dict | None = None  # the resolved run config, stored in checkpoints
+
+    @classmethod
+    def from_config(
+        cls,
+        method: str | None = None,
+        backbone: nn.Module | str = "vit_t6",
+        data: Any = None,
+        embed_dim: int | None = None,
+        **overrides: Any,
+    ) -> SSLMethod:
+        """Build ``conf/method/<method>.yaml`` (default: the one whose class is ``cls``) around any ``nn.Module``
+        returning (B, D) features, or a backbone name, for the user's own ``pl.Trainer().fit(model, dm)``;
+        ``data`` is that DataModule (or a data config name / ``DataSpec``). See ``sslab.api.method_from_config``."""
+        from sslab.api import method_from_config  # the config tree lives with the entry points
+
+        return method_from_config(cls, method, backbone, data, embed_dim, **overrides)
 
     # -- what a method provides --------------------------------------------------------------------
     def make_views(self) -> nn.Module:
@@ -191,8 +230,23 @@ class SSLMethod(pl.LightningModule):
         logs.update({f"train/{k}": s(self.global_step) for k, s in self.schedules.items()})
         if self.flexi_patch_size is not None:
             logs["train/patch_size"] = float(self.flexi_patch_size)
+        features = out["features"].detach()
+        if self.logs_this_step():  # collapse statistics: an SVD, so only on the steps the loggers write
+            logs["train/feature_std"] = feature_std(features)
+            logs["train/feature_rank"] = effective_rank(features)
         self.log_dict(logs)
-        return {"loss": loss, "features": out["features"].detach()}
+        return {"loss": loss, "features": features}
+
+    def logs_this_step(self) -> bool:
+        """Whether the loggers write this training step (every ``trainer.log_every_n_steps``), so that
+        statistics that cost a sync or an SVD are computed only when someone will see them."""
+        trainer = self._trainer
+        if trainer is None:
+            return False
+        connector = getattr(trainer, "_logger_connector", None)
+        if connector is not None and hasattr(connector, "should_update_logs"):
+            return bool(connector.should_update_logs)
+        return (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) == 0
 
     # -- optimisation --------------------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
@@ -221,20 +275,34 @@ class SSLMethod(pl.LightningModule):
             "wd": CosineSchedule(self.weight_decay, self.weight_decay_end, total),
             **self.extra_schedules(total, self.steps_per_epoch),
         }
-        reset = (self.sslab_config or {}).get("resume_schedules") == "reset"
-        if not self.schedules or reset:  # a new run, or resume_schedules=reset: this config's schedules
+        mode = (self.sslab_config or {}).get("resume_schedules", "keep")
+        if not self.schedules or mode == "reset":  # a new run, or resume_schedules=reset: this config's
             self.schedules = configured  # indexed by the global step, so they continue from the checkpoint's
+        elif mode == "extend":  # the checkpoint's cosines, stretched from the resume step to this run's end
+            step = int(getattr(self, "resume_step", None) or 0)  # set by sslab.train from the checkpoint
+            self.schedules = {k: extend_cosine(s, step, total) for k, s in self.schedules.items()}
+            log.info(
+                "resume_schedules=extend: cosine schedules continue from step %d to step %d", step, total
+            )
         elif self.schedules != configured:  # resumed: the checkpoint's schedules win, so the run stays exact
             changed = sorted(k for k in configured if configured[k] != self.schedules.get(k))
             log.warning(
-                "resumed run keeps the checkpoint's %s schedules; pass resume_schedules=reset to use this "
-                "config's instead",
+                "resumed run keeps the checkpoint's %s schedules; pass resume_schedules=extend to stretch "
+                "their cosines to this run's end (trainer.max_steps), or reset to use this config's",
                 changed,
             )
+        return self.make_optimizer(self.schedules["lr"](0))
+
+    def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        """``optimizer=adamw`` (default) or ``lars`` over ``param_groups``; LARS as VICReg's official
+        ``exclude_bias_and_norm``: groups without weight decay (biases, norms) are not adapted either."""
+        groups = self.param_groups()
+        if self.optimizer_name == "lars":
+            for group in groups:
+                group["lars_adapt"] = group["apply_wd"]
+            return LARS(groups, lr=lr, momentum=self.lars_momentum, eta=self.lars_eta)
         fused = torch.cuda.is_available() and self.device.type == "cuda"
-        return torch.optim.AdamW(
-            self.param_groups(), lr=self.schedules["lr"](0), betas=self.betas, fused=fused
-        )
+        return torch.optim.AdamW(groups, lr=lr, betas=self.betas, fused=fused)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         step = self.global_step
@@ -246,6 +314,8 @@ class SSLMethod(pl.LightningModule):
                     group["weight_decay"] = wd
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.logs_this_step():  # before clipping; a few norms, no sync until the logger writes
+            self.log("train/grad_norm", grad_norm(self.parameters()))
         if self.grad_clip:
             clip_per_tensor_(self.parameters(), self.grad_clip)
 
@@ -270,6 +340,15 @@ class SSLMethod(pl.LightningModule):
         saved = checkpoint.get("sslab_schedules", {})
         self.schedules = {k: SCHEDULE_TYPES[t](**state) for k, (t, state) in saved.items()}
         self.steps_per_epoch = checkpoint.get("sslab_steps_per_epoch", self.steps_per_epoch)
+
+
+@torch.no_grad()
+def grad_norm(params) -> torch.Tensor:
+    """Global L2 norm of all gradients (the norm torch's ``clip_grad_norm_`` compares with its limit)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
 
 
 @torch.no_grad()

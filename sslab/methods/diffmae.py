@@ -190,11 +190,11 @@ class DiffMAE(MAE):
             grid = self.grid_of(x)
 
             def paste(masked_patches: torch.Tensor) -> torch.Tensor:
-                full = patchify(x, self.patch_size).float()
+                full = patchify(self.own_channels(x), self.patch_size).float()
                 values = masked_patches.float() * std_m + mean_m
                 full = full.scatter(1, masked_idx.unsqueeze(-1).expand(-1, -1, full.shape[-1]), values)
-                img = unpatchify(full, self.patch_size, grid, x.shape[1])
-                return self.to_pixels(torch.where(pixel_mask, img, x))
+                img = unpatchify(full, self.patch_size, grid, self.target_channels)
+                return self.to_pixels(torch.where(pixel_mask, img.to(x.dtype), x))  # grey: broadcast
 
             columns = {"masked": self.to_pixels(self.masked_input(x, mask))}
             for t, x_t in frames:

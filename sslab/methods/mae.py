@@ -16,7 +16,6 @@ from sslab.modules.patches import masked_mse, normalized_patches, patchify, unpa
 
 from .base import SSLMethod
 
-IMAGE_CHANNELS = 3  # the view pipelines always hand the encoder RGB (greyscale is repeated)
 MAE_DEFAULTS = {
     "base_lr": 1.5e-4,
     "min_lr": 0.0,
@@ -82,7 +81,10 @@ class MAE(SSLMethod):
         self.embed_pool = embed_pool
         self.probe_features = probe_features
         self.patch_size = self.backbone.patch_size
-        self.patch_dim = self.patch_size**2 * IMAGE_CHANNELS
+        # Pixel targets and the decoder's output are in the data's own channels: the views repeat grey to
+        # RGB for the encoder, but predicting three copies of a grey channel lets the decoder draw colour.
+        self.target_channels = self.data.channels
+        self.patch_dim = self.patch_size**2 * self.target_channels
         self.decoder_cfg = {
             "dim": decoder_dim,
             "depth": decoder_depth,
@@ -127,9 +129,14 @@ class MAE(SSLMethod):
         n_cls = self.backbone.num_prefix_tokens - out["reg"].shape[1]
         return torch.cat([out["cls"].unsqueeze(1)] * n_cls + [out["reg"], out["patch"]], dim=1)
 
+    def own_channels(self, x: torch.Tensor) -> torch.Tensor:
+        """The view in the data's own channels: the first of the repeated grey channels (all equal)."""
+        return x[:, : self.target_channels]
+
     def pixel_targets(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(target, mean, std) per patch; mean 0 / std 1 when targets are not normalised."""
-        patches = patchify(x, self.patch_size)
+        """(target, mean, std) per patch of the view in the data's own channels; mean 0 / std 1 when
+        targets are not normalised."""
+        patches = patchify(self.own_channels(x), self.patch_size)
         if self.norm_pix_loss:
             return normalized_patches(patches, eps=1e-6)
         return patches, torch.zeros_like(patches[..., :1]), torch.ones_like(patches[..., :1])
@@ -191,8 +198,9 @@ class MAE(SSLMethod):
                 torch.manual_seed(seed)
                 fwd = self.forward_masked(x)
             _, mean, std = self.pixel_targets(x)
-            pred = unpatchify(fwd["pred"].float() * std + mean, self.patch_size, self.grid_of(x), x.shape[1])
-            pasted = torch.where(self.patch_mask_image(fwd["mask"], x), pred, x)
+            pred = fwd["pred"].float() * std + mean
+            pred = unpatchify(pred, self.patch_size, self.grid_of(x), self.target_channels).to(x.dtype)
+            pasted = torch.where(self.patch_mask_image(fwd["mask"], x), pred, x)  # grey broadcasts to RGB
             return {
                 "masked": self.to_pixels(self.masked_input(x, fwd["mask"])),
                 "reconstruction": self.to_pixels(pasted),
