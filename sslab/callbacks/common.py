@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
@@ -10,9 +12,35 @@ from torch.utils.data import DataLoader, Subset
 from sslab.evaluation.features import extract
 from sslab.modules.distributed import is_distributed
 
+log = logging.getLogger(__name__)
+
 
 def should_evaluate(trainer: pl.Trainer, every_n_epochs: int) -> bool:
     return every_n_epochs > 0 and (trainer.current_epoch + 1) % every_n_epochs == 0
+
+
+SKIPPED = "k-NN and linear probe are off: trainer=debug skips evaluation (skip_evaluation=true)"
+
+
+def evaluation_off(trainer: pl.Trainer, pl_module: pl.LightningModule, skip: bool = False) -> bool:
+    """True when evaluation is skipped (``skip``: ``trainer=debug``) or the DataModule has no labelled
+    evaluation splits (an unlabelled folder without ``data.eval_path``). The first caller of a run says why
+    in one line (rank 0), for every evaluation callback at once, so such a run trains instead of failing or
+    spending minutes at its first evaluation."""
+    reason = SKIPPED if skip else getattr(trainer.datamodule, "eval_off_reason", None)
+    if not reason:
+        return False
+    if not getattr(pl_module, "_sslab_eval_off_said", False):
+        pl_module._sslab_eval_off_said = True
+        if trainer.is_global_zero:
+            log.warning(reason)
+    return True
+
+
+def cached_features(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, torch.Tensor] | None:
+    """This step's bank and test features if an evaluation callback already extracted them, else None."""
+    cache = getattr(pl_module, "_sslab_eval_cache", None)
+    return cache if cache is not None and cache["step"] == trainer.global_step else None
 
 
 def eval_features(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:

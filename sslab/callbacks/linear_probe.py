@@ -10,15 +10,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sslab.callbacks.common import eval_features, log_eval, should_evaluate
+from sslab.callbacks.common import eval_features, evaluation_off, log_eval, should_evaluate
+from sslab.evaluation.linear import train_linear_probe
 
 
 class OnlineLinearProbe(pl.Callback):
     """BatchNorm (no affine) + Linear on the features each training step returns; ``eval/linear_top1`` is
-    its accuracy on the test split, at the same times as k-NN."""
+    its accuracy on the test split, at the same times as k-NN.
 
-    def __init__(self, lr: float = 1e-3, weight_decay: float = 0.0, every_n_epochs: int = 1) -> None:
+    When the training batches carry no labels but the evaluation splits do (``data.eval_path``), there is
+    nothing to train online: the probe is then fitted at each evaluation on the bank features (``bank_epochs``
+    epochs, as ``eval.py eval=linear``) and scored on the test split. Without labels anywhere it is off."""
+
+    def __init__(
+        self,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        every_n_epochs: int = 1,
+        bank_epochs: int = 100,
+        skip: bool = False,
+    ) -> None:
         self.lr, self.weight_decay, self.every_n_epochs = lr, weight_decay, every_n_epochs
+        self.bank_epochs, self.skip = bank_epochs, skip  # skip: trainer=debug, off, said in one line
         self.probe: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._pending_state: dict[str, Any] | None = None
@@ -39,7 +52,7 @@ class OnlineLinearProbe(pl.Callback):
     ) -> None:
         feats, labels = outputs["features"].float(), batch["label"]
         known = labels >= 0
-        if not known.any():
+        if self.skip or not known.any():
             return
         if self.probe is None:
             self._build(feats.shape[1], len(trainer.datamodule.class_names), feats.device)
@@ -50,15 +63,25 @@ class OnlineLinearProbe(pl.Callback):
             self.optimizer.step()
         pl_module.log("train/probe_loss", loss.detach())
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        evaluation_off(trainer, pl_module, self.skip)  # says once, at the start, why evaluation will not run
+
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.probe is None or self.last_step == trainer.global_step:
+        if self.last_step == trainer.global_step or evaluation_off(trainer, pl_module, self.skip):
             return
         self.last_step = trainer.global_step
         f = eval_features(trainer, pl_module)
-        self.probe.eval()
-        with torch.no_grad():
-            pred = self.probe(f["test"].to(pl_module.device)).argmax(1).cpu()
-        self.probe.train()
+        if self.probe is None:  # no labelled training batch (data.eval_path): fit on the labelled bank
+            probe = train_linear_probe(
+                f["bank"], f["bank_labels"], epochs=self.bank_epochs, lr=self.lr, seed=pl_module.seed
+            )
+            with torch.no_grad():
+                pred = probe(f["test"].float()).argmax(1)
+        else:
+            self.probe.eval()
+            with torch.no_grad():
+                pred = self.probe(f["test"].to(pl_module.device)).argmax(1).cpu()
+            self.probe.train()
         log_eval(
             trainer, pl_module, {"eval/linear_top1": 100.0 * (pred == f["test_labels"]).float().mean().item()}
         )

@@ -68,19 +68,28 @@ class SSLDataModule(pl.LightningDataModule):
         self.class_names: list[str] = []
         self._sampler: EpochShuffleSampler | None = None
         self._resume: tuple[int, int] | None = None
+        # Why k-NN / linear-probe evaluation cannot run (e.g. an unlabelled folder without data.eval_path);
+        # None when the bank and test splits carry labels. Evaluation callbacks switch off with this line.
+        self.eval_off_reason: str | None = None
 
     # -- subclasses ---------------------------------------------------------------------------------
     def load_splits(self) -> tuple[Dataset, np.ndarray, Dataset, np.ndarray]:
         """Return (train dataset, train labels, test dataset, test labels)."""
         raise NotImplementedError
 
+    def load_bank(self) -> tuple[Dataset, np.ndarray] | None:
+        """(dataset, labels) the k-NN bank and probe training split are drawn from when that is not the training
+        set (``data.eval_path``: the user's labelled subset); None draws them from the training set."""
+        return None
+
     # -- Lightning ----------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
             train, train_labels, test, test_labels = self.load_splits()
             self.train_set = train
+            bank, bank_labels = self.load_bank() or (train, train_labels)
             self.bank_set = Subset(
-                train, balanced_subset(train_labels, self.eval_bank_size, self.seed).tolist()
+                bank, balanced_subset(bank_labels, self.eval_bank_size, self.seed).tolist()
             )
             self.test_set = Subset(
                 test, balanced_subset(test_labels, self.eval_test_size, self.seed + 1).tolist()
@@ -114,7 +123,7 @@ class SSLDataModule(pl.LightningDataModule):
         # each rank takes its own share (train.py sets use_distributed_sampler=False)
         trainer = getattr(self, "trainer", None)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        self._sampler = EpochShuffleSampler(len(self.train_set), self.batch_size, self.seed, rank, world)
+        self._sampler = self.make_sampler(rank, world)
         if self._resume is not None:
             self._sampler.resume_at(*self._resume)
         return DataLoader(
@@ -127,9 +136,16 @@ class SSLDataModule(pl.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
+    def make_sampler(self, rank: int, world: int) -> EpochShuffleSampler:
+        """The training order: a pure function of (seed, epoch, rank), so that ``resume_at`` is exact."""
+        return EpochShuffleSampler(len(self.train_set), self.batch_size, self.seed, rank, world)
+
     def eval_dataloaders(self) -> tuple[DataLoader, DataLoader]:
-        """(bank, test) loaders in a fixed order, for k-NN and linear-probe evaluation."""
+        """(bank, test) loaders in a fixed order, for k-NN and linear-probe evaluation; refused in one line when
+        the splits have no labels (``eval_off_reason``)."""
         self.setup()
+        if self.eval_off_reason:
+            raise SSLabError(self.eval_off_reason)
         kw = dict(batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers)
         return DataLoader(self.bank_set, **kw), DataLoader(self.test_set, **kw)
 

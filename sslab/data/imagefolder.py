@@ -1,4 +1,6 @@
-"""Class-folder image trees (``root/<class>/<image>``), each image decoded to one fixed-size letterboxed square.
+"""Image trees, each image decoded to one fixed-size letterboxed square: class folders (``root/<class>/<image>``)
+or unlabelled (a flat folder, or any tree with ``labels=none``; ``eval_path`` then gives the labelled
+evaluation splits).
 
 Why the images look the way they do:
 
@@ -49,33 +51,56 @@ REDUCING_GAP = 2.0  # reduce() keeps at least this multiple of the target size f
 
 
 # -- scanning ----------------------------------------------------------------------------------------------
+LABEL_MODES = ("auto", "none")
+
+
 def scan_folder(
-    root: Path, skipped: dict[Path, str] | None = None
+    root: Path, skipped: dict[Path, str] | None = None, labels: str = "auto"
 ) -> tuple[list[Path], np.ndarray, list[str]]:
-    """Files with image extensions under each class sub-folder, sorted, with integer labels. Symlink loops and
-    broken links (files or class folders) go into ``skipped`` with their reason instead of vanishing."""
+    """Image files under ``root``, sorted, with integer labels and the class names. Symlink loops and broken
+    links go into ``skipped`` with their reason instead of vanishing.
+
+    ``labels="auto"``: class folders (``root/<class>/...``, label = the folder) when every image lies inside a
+    sub-folder; a flat folder, or a tree with images directly in ``root``, is unlabelled. ``labels="none"``:
+    any tree is unlabelled. Unlabelled files get label -1 and no class names (self-supervised training needs
+    none; evaluation then takes its labels from ``data.eval_path``)."""
+    if labels not in LABEL_MODES:
+        raise SSLabError(f"data.labels={labels!r} is unknown; choose one of {', '.join(LABEL_MODES)}")
     skipped = {} if skipped is None else skipped
-    classes = []
+    classes, top_images = [], False
     for d in sorted(root.iterdir()):
         if d.is_dir():
             classes.append(d.name)
         elif d.is_symlink():
             skipped[d] = _link_problem(d)
-    if not classes:
-        raise SSLabError(f"no class folders under {root}; expected {root}/<class_name>/<image files>")
-    files, labels = [], []
+        elif d.suffix.lower() in IMAGE_EXTENSIONS:
+            top_images = True
+    if labels == "none" or top_images or not classes:
+        files = _image_files(root, skipped)
+        if not files:
+            raise SSLabError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+        return files, np.full(len(files), -1, dtype=np.int64), []
+    files, label_list = [], []
     for label, name in enumerate(classes):
-        for f in sorted((root / name).rglob("*")):
-            if f.suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            if f.is_file():
-                files.append(f)
-                labels.append(label)
-            elif f.is_symlink():
-                skipped[f] = _link_problem(f)
+        found = _image_files(root / name, skipped)
+        files += found
+        label_list += [label] * len(found)
     if not files:
         raise SSLabError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
-    return files, np.asarray(labels, dtype=np.int64), classes
+    return files, np.asarray(label_list, dtype=np.int64), classes
+
+
+def _image_files(root: Path, skipped: dict[Path, str]) -> list[Path]:
+    """Every file with an image extension in the tree under ``root`` (symlinked folders are not followed)."""
+    files = []
+    for f in sorted(root.rglob("*")):
+        if f.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        if f.is_file():
+            files.append(f)
+        elif f.is_symlink():
+            skipped[f] = _link_problem(f)
+    return files
 
 
 def _link_problem(path: Path) -> str:
@@ -247,11 +272,26 @@ class ImageFolderDataModule(SSLDataModule):
     photo then keeps 240 px on its short side, about what "resize 256, crop 224" and 224 px crops use.
     Skipped files are counted in one log line and, once a run directory is known (Lightning's
     ``default_root_dir``, which ``train.py`` sets to the run directory), listed in ``bad_files.txt`` there.
+
+    Unlabelled data (a flat folder, any tree with ``labels=none``): every image trains, labels are -1, and
+    k-NN / linear-probe evaluation is off (``eval_off_reason``) unless ``eval_path`` names a class-folder tree;
+    then the bank and test splits come from it (its ``train``/``val`` or a ``val_fraction`` split) and
+    ``path`` is read as unlabelled training data.
     """
 
-    def __init__(self, path: str, val_fraction: float = 0.1, load_size: int | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        path: str,
+        val_fraction: float = 0.1,
+        load_size: int | None = None,
+        eval_path: str | None = None,
+        labels: str = "auto",
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         self.path = Path(path).expanduser()
+        self.eval_path = Path(eval_path).expanduser() if eval_path else None
+        self.labels = labels
         self.val_fraction = val_fraction
         self.load_size = int(load_size) if load_size else round(self.image_size * 10 / 7)
         if self.load_size < self.image_size:
@@ -260,42 +300,72 @@ class ImageFolderDataModule(SSLDataModule):
                 "decode at least at the crop size"
             )
         self.skipped: dict[Path, str] = {}
+        self._bank: tuple[Dataset, np.ndarray] | None = None
 
-    def _scan(self, root: Path) -> tuple[list[Path], np.ndarray, list[str]]:
-        files, labels, classes = scan_folder(root, self.skipped)
+    def _scan(self, root: Path, labels: str | None = None) -> tuple[list[Path], np.ndarray, list[str]]:
+        files, file_labels, classes = scan_folder(root, self.skipped, labels or self.labels)
         ok = np.array([readable(f) for f in files], dtype=bool)
         self.skipped.update(
             {f: "unreadable (PIL verify failed)" for f, good in zip(files, ok, strict=True) if not good}
         )
-        return [f for f, good in zip(files, ok, strict=True) if good], labels[ok], classes
+        return [f for f, good in zip(files, ok, strict=True) if good], file_labels[ok], classes
+
+    def _split(
+        self, root: Path, labels: str | None = None
+    ) -> tuple[list[Path], np.ndarray, list[Path], np.ndarray, list[str]]:
+        """(train files, labels, test files, labels, classes) of one tree: its ``train``/``val`` folders, a
+        stratified ``val_fraction`` split of class folders, or, unlabelled, every image for training (the
+        test split then only feeds the pictures, so it is a view of the training files)."""
+        train_dir, val_dir = root / "train", root / "val"
+        if train_dir.is_dir() and val_dir.is_dir():
+            train_files, train_labels, classes = self._scan(train_dir, labels)
+            test_files, test_labels, _ = self._scan(val_dir, labels)
+            return train_files, train_labels, test_files, test_labels, classes
+        files, file_labels, classes = self._scan(root, labels)
+        if not classes:
+            return files, file_labels, files, file_labels, classes
+        rng = np.random.default_rng(self.seed)
+        is_test = np.zeros(len(files), dtype=bool)
+        for c in np.unique(file_labels):
+            idx = rng.permutation(np.flatnonzero(file_labels == c))
+            is_test[idx[: round(len(idx) * self.val_fraction)]] = True
+        train_files = [f for f, t in zip(files, is_test, strict=True) if not t]
+        test_files = [f for f, t in zip(files, is_test, strict=True) if t]
+        return train_files, file_labels[~is_test], test_files, file_labels[is_test], classes
 
     def load_splits(self):
-        if not self.path.is_dir():
-            raise SSLabError(
-                f"data.path {self.path} is not a directory; point data.path at an image-folder tree"
-            )
-        train_dir, val_dir = self.path / "train", self.path / "val"
-        if train_dir.is_dir() and val_dir.is_dir():
-            train_files, train_labels, classes = self._scan(train_dir)
-            test_files, test_labels, _ = self._scan(val_dir)
-        else:
-            files, labels, classes = self._scan(self.path)
-            rng = np.random.default_rng(self.seed)
-            is_test = np.zeros(len(files), dtype=bool)
-            for c in np.unique(labels):
-                idx = rng.permutation(np.flatnonzero(labels == c))
-                is_test[idx[: round(len(idx) * self.val_fraction)]] = True
-            train_files = [f for f, t in zip(files, is_test, strict=True) if not t]
-            test_files = [f for f, t in zip(files, is_test, strict=True) if t]
-            train_labels, test_labels = labels[~is_test], labels[is_test]
+        for key, root in (("data.path", self.path), ("data.eval_path", self.eval_path)):
+            if root is not None and not root.is_dir():
+                raise SSLabError(f"{key} {root} is not a directory; point {key} at an image-folder tree")
+        if self.eval_path is None:
+            train_files, train_labels, test_files, test_labels, classes = self._split(self.path)
+        else:  # the user's labelled subset gives the evaluation splits; data.path only trains
+            train_files, train_labels, _, _, _ = self._split(self.path, labels="none")
+            bank_files, bank_labels, test_files, test_labels, classes = self._split(self.eval_path)
+            if not classes:
+                raise SSLabError(
+                    f"data.eval_path {self.eval_path} has no class folders; expected "
+                    f"{self.eval_path}/<class_name>/<image files> (the labelled images k-NN and the probe use)"
+                )
         if self.skipped:
             log.warning("imagefolder: %s", summarise_skipped(self.skipped))
         if not train_files:
             raise SSLabError(f"no readable training images under {self.path}")
         self.class_names = classes
+        if not classes:
+            self.eval_off_reason = (
+                f"data.path={self.path} has no class folders, so there are no labels: k-NN and linear probe "
+                "are off; set data.eval_path=DIR (DIR/<class>/<images>) for their numbers on a labelled subset"
+            )
         make = lambda fs, ls: ImageFolderDataset(fs, ls, self.load_size, self.channels)  # noqa: E731
         self._datasets = [make(train_files, train_labels), make(test_files, test_labels)]
+        if self.eval_path is not None:
+            self._datasets.append(make(bank_files, bank_labels))
+            self._bank = (self._datasets[2], bank_labels)
         return self._datasets[0], train_labels, self._datasets[1], test_labels
+
+    def load_bank(self) -> tuple[Dataset, np.ndarray] | None:
+        return self._bank
 
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
