@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ def write_metrics(metrics: dict[str, Any], folder: str | Path | None = None) -> 
     path = Path(folder) / "metrics.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_finite(metrics), indent=2, sort_keys=True))
-    say(f"metrics: {path}")
+    print(f"metrics: {path}", file=sys.stderr, flush=True)  # stdout ends with the JSON line
     return path
 
 
