@@ -6,7 +6,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from sslab.cli import listed_keys, open_overrides, quiet_startup, register_resolvers
+from sslab.cli import listed_keys, open_overrides, quiet_startup, register_resolvers, slurm_unreachable
 from sslab.errors import check_train_config, fail, user_message
 
 quiet_startup()
@@ -32,4 +32,7 @@ if __name__ == "__main__":
     # any Lightning Trainer option without Hydra's "+" (sslab.train refuses names the Trainer does not take)
     listed = listed_keys(str(Path(__file__).parent / "conf" / "trainer" / "default.yaml"), "trainer")
     sys.argv[1:] = open_overrides(sys.argv[1:], ["trainer"], listed)
+    unreachable = slurm_unreachable(sys.argv[1:])
+    if unreachable:
+        fail(unreachable, log_file=False)
     main()

@@ -8,6 +8,8 @@
   config and to Lightning's Trainer, so they cannot all be listed); unknown keys are refused later with one
   line (``check_trainer_keys``, ``sslab.evaluate``).
 - ``fit_workers``: no more data-loader workers than CPU cores (torch warns about it, once per loader).
+- ``slurm_unreachable``: a sweep sent to the SLURM launcher from a machine where no controller answers ends in
+  one line instead of submitit's traceback.
 - ``quiet_startup``: library start-up chatter that tells a user nothing (faiss' loader, Lightning's
   ``srun`` hint outside SLURM, the litlogger tip).
 """
@@ -17,6 +19,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
+import subprocess
 import warnings
 from collections.abc import Iterable
 
@@ -93,3 +97,29 @@ def quiet_startup() -> None:
     tip = _DropTip()
     for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
         logging.getLogger(name).addFilter(tip)
+
+
+def slurm_unreachable(argv: list[str]) -> str | None:
+    """The one-line reason a ``hydra/launcher=slurm`` sweep cannot be submitted from here, or None: no
+    ``sbatch`` on this machine, or ``scontrol ping`` finds no controller (what submitit's sbatch would
+    otherwise report as a traceback: "Could not establish a configuration source")."""
+    if not any(re.fullmatch(r"\+*hydra/launcher=slurm", a) for a in argv):
+        return None
+    if shutil.which("sbatch") is None:
+        return (
+            "hydra/launcher=slurm: sbatch is not installed on this machine; launch the sweep from a SLURM "
+            "login node, or drop hydra/launcher=slurm to run the sweep here"
+        )
+    if shutil.which("scontrol") is None:
+        return None  # nothing to ask; sbatch will say
+    try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return "hydra/launcher=slurm: the SLURM controller did not answer within 30 s (scontrol ping); check the cluster"
+    if ping.returncode == 0 and "UP" in ping.stdout:
+        return None
+    said = (ping.stderr or ping.stdout).strip().splitlines()
+    return (
+        f"hydra/launcher=slurm: SLURM is not reachable from this machine (scontrol ping: "
+        f"{said[-1] if said else 'no answer'}); launch from a node of the cluster or drop hydra/launcher=slurm"
+    )

@@ -280,3 +280,29 @@ def test_resume_auto_continues_in_place_and_extends_schedules(first_run):
     old = CosineSchedule(**old_lr[1])
     new = ExtendedCosineSchedule(**state)
     assert new(4) == pytest.approx(old(4)) and new(8) == pytest.approx(old.final)
+
+
+def test_slurm_sweep_without_a_reachable_controller_is_one_line(tmp_path):
+    """README's `-m hydra/launcher=slurm` on a machine where no SLURM controller answers: one line, not
+    submitit's traceback, and nothing written. With Debian's SLURM installed (make test) `scontrol ping` is
+    asked against a configuration that does not exist; without it, the missing sbatch is named."""
+    env = {**os.environ, "SLURM_CONF": str(tmp_path / "no-such-slurm.conf")}
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "-m",
+            "hydra/launcher=slurm",
+            f"paths.output_dir={tmp_path}/o",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr + r.stdout
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "hydra/launcher=slurm" in lines[0]
+    assert ("not reachable" in lines[0]) or ("sbatch is not installed" in lines[0])
+    assert not (tmp_path / "o").exists()
