@@ -392,14 +392,14 @@ def views_row(ctx: Context) -> Row:
 def knn_row(ctx: Context) -> Row:
     import faiss
 
-    from sslab.evaluation.knn import TORCH_SEARCH_MAX_BYTES, knn_search
+    from sslab.evaluation.knn import knn_search
 
     s, device, k = ctx.sizes, ctx.device, 20
     g = torch.Generator(device=device).manual_seed(0)
     bank = F.normalize(torch.randn(s.bank, s.dim, device=device, generator=g), dim=1)
     queries = F.normalize(torch.randn(s.queries, s.dim, device=device, generator=g), dim=1)
-    auto_engine = "torch matmul + top-k" if bank.numel() * 4 <= TORCH_SEARCH_MAX_BYTES else "FAISS"
     faiss_gpu = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    auto_engine = "torch matmul + top-k" if bank.is_cuda and not faiss_gpu else "FAISS"
     nq_faiss = s.queries if faiss_gpu else min(s.queries, s.faiss_cpu_queries)
     out: dict[str, Any] = {}
 
