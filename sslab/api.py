@@ -153,7 +153,7 @@ def method_from_config(
 
     from sslab.backbones import Backbone
     from sslab.backbones.external import ExternalBackbone
-    from sslab.build import build_backbone, build_datamodule
+    from sslab.build import build_backbone, build_datamodule, data_spec
     from sslab.data import SSLDataModule
     from sslab.methods.base import DataSpec
 
@@ -172,14 +172,7 @@ def method_from_config(
         if dm is None:
             dm = build_datamodule(cfg)
         dm.setup()
-        spec = DataSpec(
-            image_size=dm.image_size,
-            local_crop_size=dm.local_crop_size,
-            mean=tuple(dm.mean),
-            std=tuple(dm.std),
-            num_classes=len(dm.class_names),
-            channels=int(dm.channels),
-        )
+        spec = data_spec(dm)
     method_cfg: dict[str, Any] = OmegaConf.to_container(cfg.method, resolve=True)
     target = get_class(method_cfg.pop("_target_"))
     method_cfg.pop("name", None)

@@ -63,7 +63,12 @@ def build_method(cfg: DictConfig, dm: SSLDataModule, pretrained: bool = True) ->
         raise SSLabError(
             f"method={method_name} needs batch key(s) {missing}, which data={dm.name} does not provide"
         )
-    spec = DataSpec(
+    return cls(backbone=backbone, data=data_spec(dm), seed=int(cfg.seed), **method_cfg)
+
+
+def data_spec(dm: SSLDataModule) -> DataSpec:
+    """What a method needs to know of a set-up DataModule: sizes, normalisation, classes, channels."""
+    return DataSpec(
         image_size=dm.image_size,
         local_crop_size=dm.local_crop_size,
         mean=tuple(dm.mean),
@@ -71,4 +76,3 @@ def build_method(cfg: DictConfig, dm: SSLDataModule, pretrained: bool = True) ->
         num_classes=len(dm.class_names),
         channels=int(dm.channels),
     )
-    return cls(backbone=backbone, data=spec, seed=int(cfg.seed), **method_cfg)

@@ -99,6 +99,9 @@ def quiet_startup() -> None:
         logging.getLogger(name).addFilter(tip)
 
 
+PING_SECONDS = 10  # a controller answers scontrol ping within a second; none configured can hang far longer
+
+
 def slurm_unreachable(argv: list[str]) -> str | None:
     """The one-line reason a ``hydra/launcher=slurm`` sweep cannot be submitted from here, or None: no
     ``sbatch`` on this machine, or ``scontrol ping`` finds no controller (what submitit's sbatch would
@@ -113,13 +116,14 @@ def slurm_unreachable(argv: list[str]) -> str | None:
     if shutil.which("scontrol") is None:
         return None  # nothing to ask; sbatch will say
     try:
-        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=PING_SECONDS)
+        said = (ping.stderr or ping.stdout).strip().splitlines()
+        if ping.returncode == 0 and "UP" in ping.stdout:
+            return None
+        answer = said[-1] if said else "no answer"
     except subprocess.TimeoutExpired:
-        return "hydra/launcher=slurm: the SLURM controller did not answer within 30 s (scontrol ping); check the cluster"
-    if ping.returncode == 0 and "UP" in ping.stdout:
-        return None
-    said = (ping.stderr or ping.stdout).strip().splitlines()
+        answer = f"no answer within {PING_SECONDS} s"
     return (
-        f"hydra/launcher=slurm: SLURM is not reachable from this machine (scontrol ping: "
-        f"{said[-1] if said else 'no answer'}); launch from a node of the cluster or drop hydra/launcher=slurm"
+        f"hydra/launcher=slurm: SLURM is not reachable from this machine (scontrol ping: {answer}); launch "
+        "from a node of the cluster or drop hydra/launcher=slurm"
     )

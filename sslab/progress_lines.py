@@ -47,7 +47,8 @@ def format_duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-def _rank_zero() -> bool:
+def is_rank_zero() -> bool:
+    """The first process of a (multi-process, multi-node) run, by the launchers' rank variables."""
     for name in RANK_VARIABLES:
         value = os.environ.get(name, "0")
         if value.isdigit() and int(value) > 0:
@@ -57,7 +58,7 @@ def _rank_zero() -> bool:
 
 def say(line: str) -> None:
     """One flushed line on stdout (first process only)."""
-    if _rank_zero():
+    if is_rank_zero():
         print(line, flush=True)
 
 
@@ -89,7 +90,7 @@ class Phase:
         self.start = self.last = time.perf_counter()
         size = f": {self.total} {self.unit}" if self.total else ""
         say(f"{self.name}{size}")
-        if not self.plain and self.total and not _live and _rank_zero():
+        if not self.plain and self.total and not _live and is_rank_zero():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self._bar = Progress(

@@ -24,20 +24,11 @@ from typing import Any
 from hydra.experimental.callback import Callback
 
 from sslab.errors import SSLabError, fail
+from sslab.progress_lines import is_rank_zero
 
 log = logging.getLogger(__name__)
 LOCK_NAME = ".sslab.lock"
 _HELD: dict[str, int] = {}  # resolved run dir -> open lock file descriptor
-RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "NODE_RANK")
-
-
-def is_rank_zero() -> bool:
-    """Only the first process of a (multi-process, multi-node) run locks; the others share its directory."""
-    for name in RANK_VARIABLES:
-        value = os.environ.get(name, "0")
-        if value.isdigit() and int(value) > 0:
-            return False
-    return True
 
 
 def acquire_run_dir(run_dir: str | Path) -> bool:

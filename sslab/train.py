@@ -38,10 +38,10 @@ from sslab.evaluation.features import extract, raw_pixels
 from sslab.evaluation.knn import knn_accuracy
 from sslab.methods.base import NonFiniteLossError
 from sslab.precision import check_precision, compile_model
-from sslab.progress_lines import Phase, format_duration, say
+from sslab.progress_lines import Phase, format_duration, is_rank_zero, say
 from sslab.report import print_json_line, print_table
 from sslab.resume import check_resumable, find_resume_checkpoint, vet_checkpoint
-from sslab.rundir import acquire_run_dir, is_rank_zero, release_run_dir, remove_stale_temporaries
+from sslab.rundir import acquire_run_dir, release_run_dir, remove_stale_temporaries
 
 quiet_startup()  # also when train() is called without train.py (pipelines, tests)
 

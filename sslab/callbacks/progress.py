@@ -18,6 +18,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ProgressBar, RichProgressBar
 
+from sslab.progress_lines import format_duration
+
 
 def progress_bar(
     every_n_steps: int = 50, every_seconds: float = 30.0, plain: bool | None = None
@@ -26,18 +28,6 @@ def progress_bar(
     if plain is None:
         plain = not sys.stdout.isatty()
     return PlainProgress(every_n_steps, every_seconds) if plain else RichProgressBar()
-
-
-def format_duration(seconds: float) -> str:
-    """4m10s, 1h02m, 12s: short enough for a log line."""
-    if not math.isfinite(seconds):
-        return "?"
-    s = max(0, round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def batch_images(batch: Any) -> int:
