@@ -29,6 +29,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
 from sslab import backbones
+from sslab.callbacks.progress import progress_bar
 from sslab.checkpoint_io import AtomicCheckpointIO, read_checkpoint, save_final_checkpoint
 from sslab.cutler.detector import IMAGENET_MEAN, IMAGENET_STD, build_detector
 from sslab.cutler.detector_data import (
@@ -41,6 +42,7 @@ from sslab.cutler.detector_data import (
 from sslab.devices import resolve_device
 from sslab.errors import SSLabError
 from sslab.init_from import load_eval_backbone_state
+from sslab.progress_lines import Phase
 
 LAST = "last.ckpt"
 
@@ -243,6 +245,7 @@ def train_detector(
         log_every_n_steps=log_every,
         callbacks=[
             *(callbacks or []),
+            progress_bar(every_n_steps=max(1, log_every)),  # plain periodic lines off a TTY
             ModelCheckpoint(
                 dirpath=ckpt_dir,
                 filename="step{step:06d}",
@@ -253,7 +256,6 @@ def train_detector(
             ),
         ],
         plugins=[AtomicCheckpointIO()],
-        enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=str(out_dir),
         use_distributed_sampler=False,
@@ -286,12 +288,14 @@ def predict(
     module = load_detector(ckpt, device)
     data = CocoInstances(images_root, coco_json_for_images, skip_empty=False)
     results: list[dict[str, Any]] = []
-    for start in range(0, len(data), batch_size):
-        idx = range(start, min(start + batch_size, len(data)))
-        images = torch.stack([data.read_image(i) for i in idx]).to(module.device)
-        outputs = module.model(list(images.float().div(255)))
-        for i, out in zip(idx, outputs, strict=True):
-            results += _coco_results(data.images[i]["id"], out, score_threshold)
+    with Phase("detector predictions", len(data), "images") as phase:
+        for start in range(0, len(data), batch_size):
+            idx = range(start, min(start + batch_size, len(data)))
+            images = torch.stack([data.read_image(i) for i in idx]).to(module.device)
+            outputs = module.model(list(images.float().div(255)))
+            for i, out in zip(idx, outputs, strict=True):
+                results += _coco_results(data.images[i]["id"], out, score_threshold)
+            phase.advance(len(idx))
     return results
 
 
