@@ -18,7 +18,7 @@ def main(cfg: DictConfig) -> None:
     try:
         check_train_config(cfg)  # before the heavy imports: a mistyped setting is refused in a second
         from sslab.pipeline import pipeline_main
-        from sslab.train import train
+        from sslab.training import train
 
         pipeline_main(cfg) if cfg.get("pipeline") else train(cfg)
     except Exception as e:

@@ -292,7 +292,7 @@ def run_baselines(args: argparse.Namespace, seed: int) -> dict[str, dict[str, fl
     """Random init (the default config's encoder, built as train.py's baselines build it) and raw pixels."""
     cfg = compose_cfg("config", common_overrides(args, seed))
     dm = build_datamodule(cfg)
-    torch.manual_seed(cfg.seed)  # as sslab.train.baseline_knn
+    torch.manual_seed(cfg.seed)  # as sslab.training.baseline_knn
     random_model = build_method(cfg, dm).to(args.device)
     bank_loader, test_loader = dm.eval_dataloaders()
     ecfg = eval_cfg(args)

@@ -38,7 +38,7 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
 def train_stage(stage_dir: Path, overrides: list[str], params: dict[str, Any], **inputs: str) -> dict:
     """One ``train.py`` run composed from the pipeline's overrides plus the stage's own; ``init_from``
     (an earlier stage's checkpoint) initialises its backbone. Resumes from its own last.ckpt if present."""
-    from sslab.train import train
+    from sslab.training import train
 
     if params.get("ckpt"):  # a given checkpoint stands in for this stage (e.g. pipeline.dino_ckpt=PATH)
         if not Path(params["ckpt"]).is_file():
@@ -207,7 +207,7 @@ def run_pipeline(cfg: DictConfig, pipeline_dir: Path) -> dict[str, dict]:
 def pipeline_main(cfg: DictConfig) -> dict[str, dict]:
     """``python train.py pipeline=NAME [resume=DIR|auto]``: run (or continue) a pipeline, print its stages."""
     from sslab.report import print_table
-    from sslab.train import run_dir_of
+    from sslab.training import run_dir_of
 
     name = cfg.pipeline.name
     if cfg.get("resume"):

@@ -10,7 +10,7 @@ from sslab.backbones import build
 from sslab.build import build_datamodule, build_method
 from sslab.evaluate import evaluate
 from sslab.evaluation.finetune import Classifier, finetune, finetune_param_groups
-from sslab.train import train
+from sslab.training import train
 from tests.conftest import CONF, make_cfg
 
 

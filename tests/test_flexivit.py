@@ -21,7 +21,7 @@ from sslab.backbones.flexi import (
 from sslab.build import build_datamodule, build_method
 from sslab.errors import SSLabError
 from sslab.evaluate import eval_patch_sizes, evaluate
-from sslab.train import train
+from sslab.training import train
 from tests.conftest import CONF, make_cfg
 
 

@@ -96,7 +96,7 @@ def test_startup_noise_is_silenced(tiny_cfg, capsys):
 
 
 def test_step_limit_epochs_win_when_typed(tiny_cfg):
-    from sslab.train import step_limit
+    from sslab.training import step_limit
 
     cfg = tiny_cfg("trainer.max_epochs=3")
     assert step_limit(cfg, ["trainer.max_epochs=3"]) == (

@@ -146,7 +146,7 @@ def test_killed_pipeline_resumes_at_its_stage_and_step(tmp_path):
 @pytest.mark.slow
 def test_last_checkpoint_holds_the_final_step(tmp_path):
     # a periodic checkpoint at step 4 must not leave last.ckpt behind the run's final step 6
-    from sslab.train import train
+    from sslab.training import train
 
     cfg = make_cfg(tmp_path, "trainer.max_steps=6", "checkpoint.every_n_steps=4", "callbacks=[]")
     metrics = train(cfg)

@@ -5,7 +5,7 @@ import csv
 import pytest
 import torch
 
-from sslab.train import train
+from sslab.training import train
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,7 @@ from sslab.modules.temporal_order import (
     sample_orders,
     temporal_order_loss,
 )
-from sslab.train import train
+from sslab.training import train
 from tests.conftest import CONF
 
 # -- the order task --------------------------------------------------------------------------------------

@@ -280,7 +280,7 @@ def test_clip_loss_over_two_ranks_equals_one_process_on_the_global_batch(tmp_pat
 @pytest.mark.slow
 def test_wsp_zero_shot_beats_chance_after_a_short_run(tmp_path):
     from sslab.evaluate import evaluate
-    from sslab.train import train
+    from sslab.training import train
 
     cfg = wsp_cfg(
         tmp_path,
