@@ -29,7 +29,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    # any Lightning Trainer option without Hydra's "+" (sslab.train refuses names the Trainer does not take)
+    # any Lightning Trainer option without Hydra's "+" (sslab.training refuses names the Trainer does not take)
     listed = listed_keys(str(Path(__file__).parent / "conf" / "trainer" / "default.yaml"), "trainer")
     sys.argv[1:] = open_overrides(sys.argv[1:], ["trainer"], listed)
     unreachable = slurm_unreachable(sys.argv[1:])
