@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -204,7 +205,9 @@ def test_run_prints_its_phases_and_times(first_run):
     for line in ("run directory:", "training limit: 4 steps", "end-of-run evaluation at step 4: k-NN"):
         assert line in out
     assert "baseline k-NN, random init: " in out and "baseline k-NN, raw pixels: done in" in out
-    assert f"4 steps in {metrics['train_time_s']:.0f} s; evaluation {metrics['eval_time_s']:.0f} s" in out
+    # training and evaluation times apart, as printed and as stored (their values are not asserted)
+    assert re.search(r"^4 steps in \d+ s; evaluation \d+ s$", out, re.MULTILINE)
+    assert metrics["train_time_s"] >= 0 and metrics["eval_time_s"] >= 0
     noise = r.stdout + r.stderr
     for unwanted in ("faiss.loader", "litlogger", "anonymous setting", "srun", "not writable"):
         assert unwanted not in noise, unwanted
