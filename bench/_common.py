@@ -56,7 +56,7 @@ def setup(args: argparse.Namespace) -> torch.device:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for, but torch sees no CUDA device")
     torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(getattr(args, "seed", 0))
     warn_if_busy()
     return torch.device(args.device)
 

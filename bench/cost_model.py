@@ -25,7 +25,7 @@ import argparse
 import time
 
 import torch
-from _common import START, median, num_cores, print_json, print_markdown_table, time_interleaved, warn_if_busy
+from _common import START, median, num_cores, print_json, print_markdown_table, setup, time_interleaved
 from gpu_suite import build_dino, dino_flops_per_image, peak_tflops_for, source_images
 
 PAPER_HEAD = (2048, 256, 65536)  # hidden, bottleneck, prototypes
@@ -152,12 +152,8 @@ def fit_line(x: list[float], y: list[float]) -> tuple[float, float, float]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda asked for, but torch sees no CUDA device")
-    torch.set_num_threads(args.threads)
+    device = setup(args)
     torch.set_float32_matmul_precision("high")  # as train.py
-    warn_if_busy()
-    device = torch.device(args.device)
     peak, peak_source = peak_tflops_for(device, args.peak_tflops)
     measure = Measurer(args, device)
 

@@ -55,10 +55,10 @@ from _common import (
     median,
     num_cores,
     print_json,
+    setup,
     sync,
     time_interleaved,
     torch_threads,
-    warn_if_busy,
 )
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -619,12 +619,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda asked for, but torch sees no CUDA device")
-    torch.set_num_threads(args.threads)
+    device = setup(args)
     torch.set_float32_matmul_precision("high")  # as train.py
-    warn_if_busy()
-    device = torch.device(args.device)
     peak, peak_source = peak_tflops_for(device, args.peak_tflops)
     ctx = Context(args, device, TINY if args.tiny else FULL, peak, peak_source, START + args.budget_s)
     table, results, failed = [], {}, False
