@@ -77,6 +77,7 @@ import subprocess
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -110,6 +111,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "learning")
     p.add_argument("--source", choices=["auto", "embedded", "full"], default="auto", help="data.source")
     p.add_argument("--backbone", default="vit_t6", help="backbone config for every run (default: vit_t6)")
+    p.add_argument(
+        "--combine",
+        type=Path,
+        nargs="+",
+        metavar="LEARNING_JSON",
+        help="print one table from result files of runs made apart (e.g. one seed per process); trains nothing",
+    )
     p.add_argument("--tiny", action="store_true", help="smoke-test size: " + " ".join(TINY))
     p.add_argument(
         "--threads",
@@ -304,6 +312,17 @@ def run_baselines(args: argparse.Namespace, seed: int) -> dict[str, dict[str, fl
     return {"random init": scores(rand), "raw pixels": scores(raw)}
 
 
+@dataclass
+class Collected:
+    """Every seed's results: baselines per seed, and per method the runs of each side (None = failed)."""
+
+    baselines: list[dict[str, dict[str, float]]]
+    sslab: dict[str, list[dict[str, Any] | None]]
+    twins: dict[str, list[dict[str, Any] | None]]
+    errors: list[str]
+    walls: list[float]
+
+
 # -- results -------------------------------------------------------------------------------------------
 def summary(values: list[float | None]) -> dict[str, Any]:
     """Mean and spread (half the range: mean ± spread covers every seed) of the finite values."""
@@ -367,54 +386,106 @@ def write_plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def collect(args: argparse.Namespace) -> Collected:
+    """Train and evaluate every (seed, method, side); a failed run is recorded and the others go on."""
+    from twins import TWINS
+
+    got = Collected(
+        baselines=[],
+        sslab={m: [] for m in args.methods},
+        twins={m: [] for m in args.methods if m in TWINS and not args.no_twins},
+        errors=[],
+        walls=[],
+    )
+    for seed in args.seeds:
+        got.baselines.append(run_baselines(args, seed))
+        for m in args.methods:  # sslab, then its twin: drifts of the machine's load hit both alike
+            for side, runs, fn in (("sslab", got.sslab, run_sslab), ("lightly", got.twins, run_twin)):
+                if m not in runs:
+                    continue
+                try:
+                    runs[m].append(fn(args, m, seed))
+                except Exception as e:  # one failed run must not lose the others: record it, go on
+                    got.errors.append(f"{m} seed {seed} ({side}): {e}")
+                    log(f"FAILED {got.errors[-1]}\n{traceback.format_exc()}")
+                    runs[m].append(None)
+    got.walls.append(time.perf_counter() - START)
+    return got
+
+
+# what must agree between result files for --combine to put them in one table
+SAME_SETTINGS = ("steps", "budget_min", "source", "backbone", "tiny", "batch_size", "methods", "device")
+
+
+def merge_results(args: argparse.Namespace, paths: list[Path]) -> Collected:
+    """Seeds run apart (two machines, or two processes on one) as one table: per-seed values are read back
+    from each ``learning.json`` (its rows keep every seed's value), so the spread is over all of them."""
+    results = [json.loads(p.read_text()) for p in paths]
+    first = results[0]
+    for path, r in zip(paths, results, strict=True):
+        differ = [k for k in SAME_SETTINGS if r.get(k) != first.get(k)]
+        if differ:
+            raise SystemExit(
+                f"--combine: {path} differs from {paths[0]} in {', '.join(differ)}; combine runs of one setting"
+            )
+    for k in ("steps", "budget_min", "source", "backbone", "tiny", "threads", "device", "methods"):
+        setattr(args, k, first[k])
+    args.seeds = [s for r in results for s in r["seeds"]]
+    args.no_twins = not first["twins"]
+    got = Collected(baselines=[], sslab={}, twins={}, errors=[], walls=[])
+    for r in results:
+        rows = {row["name"]: row for row in r["rows"]}
+        for i in range(len(r["seeds"])):
+            got.baselines.append(
+                {
+                    name: {m: rows[name]["sslab"][m]["values"][i] for m in ("knn", "linear")}
+                    for name in ("random init", "raw pixels")
+                }
+            )
+        for m in r["methods"]:
+            got.sslab.setdefault(m, []).extend(rows[m]["runs"]["sslab"])
+            if rows[m]["lightly"]:
+                got.twins.setdefault(m, []).extend(rows[m]["runs"]["lightly"])
+        got.errors.extend(r["errors"])
+        got.walls.append(float(r["wall_s"]))
+    return got
+
+
 def main() -> None:
     args = parse_args()
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
-    from twins import TWINS
+    got = merge_results(args, args.combine) if args.combine else collect(args)
+    report(args, got)
+    sys.exit(1 if got.errors else 0)
 
-    baselines: list[dict[str, dict[str, float]]] = []
-    sslab_runs: dict[str, list[dict[str, Any] | None]] = {m: [] for m in args.methods}
-    twin_runs: dict[str, list[dict[str, Any] | None]] = {m: [] for m in args.methods if m in TWINS}
-    errors: list[str] = []
-    for seed in args.seeds:
-        baselines.append(run_baselines(args, seed))
-        for m in args.methods:  # sslab, then its twin: drifts of the machine's load hit both alike
-            for side, runs, fn in (("sslab", sslab_runs, run_sslab), ("lightly", twin_runs, run_twin)):
-                if m not in runs or (side == "lightly" and args.no_twins):
-                    continue
-                try:
-                    runs[m].append(fn(args, m, seed))
-                except Exception as e:  # one failed run must not lose the others: record it, go on
-                    errors.append(f"{m} seed {seed} ({side}): {e}")
-                    log(f"FAILED {errors[-1]}\n{traceback.format_exc()}")
-                    runs[m].append(None)
 
+def report(args: argparse.Namespace, got: Collected) -> None:
+    """Print the table and write ``learning.json`` and ``learning.png`` under ``--out``."""
     rows: list[dict[str, Any]] = []
     for name in ("random init", "raw pixels"):
         rows.append(
             {
                 "name": name,
                 "kind": "baseline",
-                "sslab": side_summary([b[name] for b in baselines], ("knn", "linear")),
+                "sslab": side_summary([b[name] for b in got.baselines], ("knn", "linear")),
                 "lightly": None,
             }
         )
     keys = ("knn", "linear", "images_per_s", "steps", "train_time_s")
     own_keys = ("random_init_knn", "random_init_linear")
     for m in args.methods:
-        twin = twin_runs.get(m) if not args.no_twins else None
+        twin = got.twins.get(m)
         rows.append(
             {
                 "name": m,
                 "kind": "method",
-                "sslab": side_summary(sslab_runs[m], keys + own_keys),
+                "sslab": side_summary(got.sslab[m], keys + own_keys),
                 "lightly": side_summary(twin, keys) if twin else None,
-                "runs": {"sslab": sslab_runs[m], "lightly": twin or []},
+                "runs": {"sslab": got.sslab[m], "lightly": twin or []},
             }
         )
-
     cfg = compose_cfg("config", common_overrides(args, args.seeds[0]))
     batch, n_train = int(cfg.data.batch_size), None
     with contextlib.suppress(Exception):
@@ -455,10 +526,11 @@ def main() -> None:
     print(
         f"\neach method's own encoder at random init (k-NN; MAE's init differs from the rows above): {', '.join(own)}"
     )
-    wall = time.perf_counter() - START
-    print(f"\nwall time of the whole run: {int(wall // 60)} min {wall % 60:.0f} s")
-    if errors:
-        print("failed runs:\n  " + "\n  ".join(e.splitlines()[0] for e in errors))
+    wall = max(got.walls)  # combined seeds ran side by side: the longest is the wall time
+    walls = ", ".join(f"{int(w // 60)} min {w % 60:.0f} s" for w in got.walls)
+    print(f"\nwall time of the whole run: {walls}" + (" (one per combined file)" if args.combine else ""))
+    if got.errors:
+        print("failed runs:\n  " + "\n  ".join(e.splitlines()[0] for e in got.errors))
 
     import lightly
 
@@ -477,7 +549,7 @@ def main() -> None:
         "twins": not args.no_twins,
         "spread": "half the range over seeds (mean ± spread covers every seed)",
         "rows": rows,
-        "errors": errors,
+        "errors": got.errors,
         "wall_s": round(wall, 1),
         "threads": args.threads,
         "device": args.device,
@@ -485,11 +557,11 @@ def main() -> None:
         "lightly": lightly.__version__,
         "load_avg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "combined_from": [str(p) for p in args.combine or []],
     }
     (args.out / "learning.json").write_text(json.dumps(result, indent=2))
     write_plot(rows, args.out / "learning.png", title)
     print(f"wrote {args.out / 'learning.json'} and {args.out / 'learning.png'}")
-    sys.exit(1 if errors else 0)
 
 
 if __name__ == "__main__":

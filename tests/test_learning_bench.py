@@ -64,3 +64,30 @@ def test_learning_bench_writes_the_table(tmp_path):
             assert rows[name][side]["steps"]["mean"] == 3, (name, side)
         assert finite(rows[name]["sslab"]["random_init_knn"]["mean"])
     assert (out / "learning.png").stat().st_size > 0
+
+    # --combine reads seeds run apart back into one table: the same file twice is two equal seeds
+    combined = tmp_path / "combined"
+    again = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "learning.py"),
+            "--combine",
+            str(out / "learning.json"),
+            str(out / "learning.json"),
+            "--out",
+            str(combined),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    both = json.loads((combined / "learning.json").read_text())
+    assert both["seeds"] == result["seeds"] * 2
+    for name, row in ((r["name"], r) for r in both["rows"]):
+        knn = row["sslab"]["knn"]
+        assert knn["values"] == rows[name]["sslab"]["knn"]["values"] * 2, name
+        assert knn["mean"] == pytest.approx(rows[name]["sslab"]["knn"]["mean"]) and knn["spread"] == 0, name
+    assert "±" in again.stdout  # two seeds: the table shows the spread
