@@ -416,13 +416,15 @@ def decode_row(ctx: Context) -> Row:
         f"{d['images']} JPEGs of {d['min_px']}-{d['max_px']} px -> {d['load_size']} px letterbox, batch "
         f"{d['batch_size']}, {d['workers']} worker(s) per side",
         f"PIL in workers: {fmt_rate(ips['cpu'])} img/s on {cores['cpu']} core(s); decode_jpeg on "
-        f"{ctx.device.type}: {fmt_rate(ips['gpu'])} img/s on {cores['gpu']} core(s); per core {ratio:.2f}x; "
+        f"{ctx.device.type}: {fmt_rate(ips['gpu'])} img/s on {cores['gpu']} core(s); per core {ratio:.2f}x "
+        f"(the workers alone read {fmt_rate(per_core['bytes'])} img/s per core); "
         f"valid boxes {'identical' if m['same_box'] else 'DIFFER'}, mean |pixel diff| {m['mean_diff']:.2f}",
         "",
         {
             "images_per_s_cpu_decode": round(ips["cpu"], 1),
             "images_per_s_device_decode": round(ips["gpu"], 1),
             "per_core_ratio": round(ratio, 3),
+            "images_per_s_per_core_reading_bytes": round(per_core["bytes"], 1),
             "same_valid_boxes": m["same_box"],
         },
     )
