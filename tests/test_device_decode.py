@@ -18,19 +18,11 @@ from sslab.data import ImageFolderDataModule
 from sslab.data.device_decode import decode_batch
 from sslab.data.imagefolder import load_image, read_encoded
 from tests.test_bad_input import ENV, digest, error_line, run
+from tests.test_unlabelled import COMMON as SMALL
 from tests.test_unlabelled import class_tree, flat_folder, tiny_imagefolder_cfg
 
 HAS_CUDA = torch.cuda.is_available()
-COMMON = dict(
-    name="imagefolder",
-    image_size=64,
-    local_crop_size=32,
-    patch_size=8,
-    channels=3,
-    mean=[0.5] * 3,
-    std=[0.25] * 3,
-    batch_size=4,
-)
+COMMON = {**SMALL, "image_size": 64, "local_crop_size": 32, "patch_size": 8}  # load size 91
 # photo-like sizes, landscape and portrait, one below the load size (upscaled) and one twice it (draft)
 SIZES = [(480, 360), (300, 500), (224, 224), (500, 281), (64, 48), (333, 250)]
 
@@ -108,13 +100,42 @@ def test_datamodule_decodes_in_the_batch_transfer(tmp_path):
             assert torch.equal(g["image"], c["image"]) and torch.equal(g["label"], c["label"])
 
 
+def corrupt_huffman_tables(path: Path) -> None:
+    """A JPEG whose header parses and which ends in EOI, so the worker sends it to the device, but whose
+    Huffman table is garbage: nvjpeg, libjpeg and PIL all fail on it."""
+    data = bytearray(path.read_bytes())
+    k = data.find(b"\xff\xc4")
+    data[k + 5 : k + 21] = b"\x00\xff" * 8
+    path.write_bytes(bytes(data))
+
+
+def test_a_jpeg_no_decoder_takes_is_replaced_as_on_the_cpu(tmp_path, caplog):
+    data = tmp_path / "data"
+    files = jpeg_folder(data, odd_files=False)
+    corrupt_huffman_tables(files[1])
+    kw = dict(path=str(data), val_fraction=0.0, **{**COMMON, "batch_size": len(files)})
+    gpu, cpu = ImageFolderDataModule(decode="gpu", **kw), ImageFolderDataModule(**kw)
+    for dm in (gpu, cpu):
+        dm.setup()
+    batch = next(iter(gpu.train_dataloader()))
+    broken = gpu.train_set.files.index(files[1])
+    assert batch["photo_size"][batch["index"].tolist().index(broken)].tolist() != [0, 0]  # sent to the device
+    with caplog.at_level("WARNING"):
+        moved = gpu.transfer_batch_to_device(batch, torch.device("cpu"), 0)
+    assert f"skipped {files[1]}" in caplog.text and broken in gpu.train_set.known_bad
+    at = moved["index"].tolist().index(broken)
+    assert torch.equal(moved["image"][at], cpu.train_set[broken]["image"])  # the next file, as on the CPU
+    with pytest.raises(RuntimeError, match="cannot be decoded"):  # without a fallback: an error, not garbage
+        decode_batch([files[1].read_bytes()], [(64, 48)], 64, 3, "cpu")
+
+
 def test_unlabelled_folder_with_eval_path(tmp_path):
     dm = ImageFolderDataModule(
         path=str(flat_folder(tmp_path / "flat", 8)),
         eval_path=str(class_tree(tmp_path / "labelled", 4)),
         val_fraction=0.25,
         decode="gpu",
-        **{**COMMON, "image_size": 16, "local_crop_size": 8, "patch_size": 4},
+        **SMALL,
     )
     dm.setup()
     sample = dm.train_set[0]
@@ -180,9 +201,9 @@ def test_nvjpeg_batch_matches_the_cpu_path(tmp_path):
         out = decode_batch([b for b, _ in read], [s for _, s in read], load_size, channels, "cuda")
         assert out.is_cuda
         assert_close_to_cpu_path(out, reference)
-    broken = io.BytesIO()  # a JPEG nvjpeg cannot take in the batch must not end it: libjpeg decodes it
-    Image.fromarray(photo(100, 80, 1)).save(broken, "JPEG", progressive=True)
-    out = decode_batch([broken.getvalue(), read[0][0]], [(100, 80), read[0][1]], 128, 1, "cuda")
+    progressive = io.BytesIO()  # nvjpeg's hardware batch may refuse it: then alone, or libjpeg, decodes it
+    Image.fromarray(photo(100, 80, 1)).save(progressive, "JPEG", progressive=True)
+    out = decode_batch([progressive.getvalue(), read[0][0]], [(100, 80), read[0][1]], 128, 1, "cuda")
     assert out.shape == (2, 2, 128, 128) and out.is_cuda
     assert int((out[0, -1] > 0).sum()) == 100 * 80 and out[0, 0, 64, 64] > 0
 

@@ -14,7 +14,7 @@ tested, on a machine without a GPU.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -51,22 +51,26 @@ def letterbox_batch(
 
 def decode_jpegs(
     data: Sequence[torch.Tensor], channels: int, device: torch.device | str
-) -> list[torch.Tensor]:
+) -> list[torch.Tensor | None]:
     """Encoded JPEGs (uint8 1-D CPU tensors) -> uint8 (channels, h, w) on ``device``, the batch in one
-    ``decode_jpeg`` call. When the batched call fails (a JPEG variant nvjpeg refuses), each file is decoded
-    alone and, failing that, by libjpeg on the CPU, so one odd file does not end the run."""
+    ``decode_jpeg`` call. When the batched call fails (a JPEG variant nvjpeg refuses, a corrupt file), each
+    file is decoded alone, then by libjpeg on the CPU; None for a file neither decodes."""
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
     with warnings.catch_warnings():  # torchvision 0.29 marks its decoders deprecated in favour of torchcodec
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
             return list(decode_jpeg(list(data), mode=mode, device=device))
         except RuntimeError:
-            out = []
+            out: list[torch.Tensor | None] = []
             for d in data:
-                try:
-                    out.append(decode_jpeg(d, mode=mode, device=device))
-                except RuntimeError:
-                    out.append(decode_jpeg(d, mode=mode, device="cpu").to(device))
+                for where in (device, "cpu"):
+                    try:
+                        out.append(decode_jpeg(d, mode=mode, device=where).to(device))
+                        break
+                    except RuntimeError:
+                        continue
+                else:
+                    out.append(None)
             return out
 
 
@@ -76,20 +80,29 @@ def decode_batch(
     load_size: int,
     channels: int,
     device: torch.device | str,
+    fallback: Callable[[int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """A collated ``data.decode=gpu`` batch -> uint8 (B, channels + 1, load_size, load_size) on ``device``.
 
     ``encoded[i]`` is a JPEG file's bytes to be letterboxed with the photo at ``sizes[i]`` (w, h), or, where
-    ``sizes[i]`` is (0, 0), the worker's CPU-path result: the letterboxed uint8 image's raw bytes."""
+    ``sizes[i]`` is (0, 0), the worker's CPU-path result: the letterboxed uint8 image's raw bytes.
+    ``fallback(i)`` gives the letterboxed image of a JPEG no decoder takes (the DataModule: the CPU path,
+    which replaces a broken file by the next readable one); without it such a file raises."""
     out = torch.empty(len(encoded), channels + 1, load_size, load_size, dtype=torch.uint8, device=device)
-    jpegs = [i for i, size in enumerate(sizes) if size[0] > 0]
     as_tensor = lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8)  # noqa: E731  (a writable copy)
-    if jpegs:
-        photos = decode_jpegs([as_tensor(encoded[i]) for i in jpegs], channels, device)
-        out[torch.tensor(jpegs, device=out.device)] = letterbox_batch(
-            photos, [sizes[i] for i in jpegs], load_size
-        )
+    jpegs = [i for i, size in enumerate(sizes) if size[0] > 0]
+    photos = dict(
+        zip(jpegs, decode_jpegs([as_tensor(encoded[i]) for i in jpegs], channels, device), strict=True)
+    )
+    decoded = [i for i in jpegs if photos[i] is not None]
+    if decoded:
+        boxed = letterbox_batch([photos[i] for i in decoded], [sizes[i] for i in decoded], load_size)
+        out[torch.tensor(decoded, device=out.device)] = boxed
     for i, size in enumerate(sizes):
         if size[0] == 0:
             out[i] = as_tensor(encoded[i]).view(channels + 1, load_size, load_size).to(device)
+        elif photos[i] is None:
+            if fallback is None:
+                raise RuntimeError(f"JPEG {i} of the batch cannot be decoded on {device} or the CPU")
+            out[i] = fallback(i).to(device)
     return out

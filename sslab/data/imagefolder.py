@@ -261,13 +261,17 @@ class ImageFolderDataset(Dataset):
         self.known_bad |= {i for i, f in enumerate(self.files) if str(f) in paths}
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.sample(i, self.encoded)
+
+    def sample(self, i: int, encoded: bool) -> dict[str, torch.Tensor]:
+        """Sample ``i``, or the next readable file's; ``encoded`` as the constructor's."""
         n = len(self.files)
         for k in range(n):
             j = (i + k) % n
             if j in self.known_bad:
                 continue
             try:
-                if self.encoded:
+                if encoded:
                     data, size = read_encoded(self.files[j], self.load_size, self.channels)
                     sample = {"encoded": data, "photo_size": torch.tensor(size)}
                 else:
@@ -442,9 +446,10 @@ class ImageFolderDataModule(SSLDataModule):
         after it and finds ``image`` as with CPU decoding)."""
         if not isinstance(batch, dict) or "encoded" not in batch:
             return super().transfer_batch_to_device(batch, device, dataloader_idx)
-        encoded, sizes = batch.pop("encoded"), batch.pop("photo_size")
+        encoded, sizes, index = batch.pop("encoded"), batch.pop("photo_size"), batch["index"].tolist()
         batch = super().transfer_batch_to_device(batch, device, dataloader_idx)
-        batch["image"] = decode_batch(encoded, sizes.tolist(), self.load_size, self.channels, device)
+        on_cpu = lambda i: self.train_set.sample(index[i], encoded=False)["image"]  # noqa: E731  (a corrupt JPEG)
+        batch["image"] = decode_batch(encoded, sizes.tolist(), self.load_size, self.channels, device, on_cpu)
         return batch
 
     def load_bank(self) -> tuple[Dataset, np.ndarray] | None:
