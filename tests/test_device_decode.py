@@ -6,6 +6,9 @@ CUDA, and on a GPU the same checks with nvjpeg."""
 from __future__ import annotations
 
 import io
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,7 @@ from PIL import Image
 from sslab.data import ImageFolderDataModule
 from sslab.data.device_decode import decode_batch
 from sslab.data.imagefolder import load_image, read_encoded
+from tests.conftest import ROOT
 from tests.test_bad_input import ENV, digest, error_line, run
 from tests.test_unlabelled import COMMON as SMALL
 from tests.test_unlabelled import class_tree, flat_folder, tiny_imagefolder_cfg
@@ -190,6 +194,35 @@ def test_decode_gpu_without_cuda_is_refused_in_one_line(tmp_path):
     assert logs and all(line in p.read_text() for p in logs)
     assert digest(data) == before
     assert not list(out.rglob("checkpoints")) and not list(out.rglob("*.ckpt"))
+
+
+@pytest.mark.slow
+def test_decode_bench_runs_on_cpu_tiny():
+    """bench/decode.py end to end at toy sizes (no speed is asserted): every side timed, the fidelity check
+    passed, the JSON line last."""
+    proc = subprocess.run(
+        [sys.executable, "bench/decode.py", "--device", "cpu", "--tiny", "--threads", "1"],
+        cwd=ROOT,
+        env={**ENV, "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Traceback" not in out, out[-4000:]
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert (
+        len(table) == 4
+        and any("data.decode=cpu" in t for t in table)
+        and any("decode_jpeg" in t for t in table)
+    )
+    result = json.loads(proc.stdout.rstrip().splitlines()[-1])
+    assert (
+        result["bench"] == "decode" and result["same_valid_boxes"] and result["mean_abs_pixel_difference"] < 2
+    )
+    assert (
+        result["images_per_s_per_core_cpu_decode"] > 0 and result["images_per_s_per_core_device_decode"] > 0
+    )
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="nvjpeg needs a CUDA GPU")
