@@ -80,6 +80,19 @@ def test_decode_batch_matches_the_cpu_path(tmp_path, load_size, channels):
     assert torch.equal(out[len(SIZES) :], reference[len(SIZES) :])  # the worker's own decode, bit for bit
 
 
+def test_chunks_bound_memory_and_change_nothing(tmp_path, monkeypatch):
+    """Decoding a few files at a time and resizing one photo per call (what bounds device memory for big
+    photos) gives the very same batch."""
+    import sslab.data.device_decode as device_decode
+
+    files = jpeg_folder(tmp_path) * 2
+    read = [read_encoded(f, 96, 3) for f in files]
+    whole = decode_batch([b for b, _ in read], [s for _, s in read], 96, 3, "cpu")
+    monkeypatch.setattr(device_decode, "DECODE_CHUNK", 4)
+    monkeypatch.setattr(device_decode, "RESIZE_ELEMENTS", 1)
+    assert torch.equal(decode_batch([b for b, _ in read], [s for _, s in read], 96, 3, "cpu"), whole)
+
+
 def test_datamodule_decodes_in_the_batch_transfer(tmp_path):
     """decode="gpu" on the CPU device: the training loader yields bytes, ``transfer_batch_to_device`` turns
     them into the images the CPU-decode module gives for the same indices; the evaluation loaders, which

@@ -21,6 +21,10 @@ import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
 DECODE_MODES = ("cpu", "gpu")
+# Full-resolution photos live on the device until resized: files go to nvjpeg this many at a time, and a
+# resize call takes at most this many float elements (256 MB), so a batch of 12-Mpx phone photos fits.
+DECODE_CHUNK = 64
+RESIZE_ELEMENTS = 2**26
 
 
 def letterbox_batch(
@@ -36,16 +40,19 @@ def letterbox_batch(
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (im, (w, h)) in enumerate(zip(images, sizes, strict=True)):
         groups.setdefault((*im.shape[1:], h, w), []).append(i)
-    for (h0, w0, h, w), idx in groups.items():
-        x = torch.stack([images[i] for i in idx]).float()
-        if (h, w) != (h0, w0):
-            x = F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
+    for (h0, w0, h, w), same in groups.items():
         top, left = (load_size - h) // 2, (load_size - w) // 2
         pad = (left, load_size - w - left, top, load_size - h - top)
-        x = F.pad(x, pad, mode="replicate") if any(pad) else x
-        ids = torch.tensor(idx, device=device)
-        out[ids, :c] = x.round_().clamp_(0, 255).to(torch.uint8)
-        out[ids, c, top : top + h, left : left + w] = 255
+        step = max(1, RESIZE_ELEMENTS // (c * max(h0 * w0, load_size * load_size)))
+        for k in range(0, len(same), step):
+            idx = same[k : k + step]
+            x = torch.stack([images[i] for i in idx]).float()
+            if (h, w) != (h0, w0):
+                x = F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
+            x = F.pad(x, pad, mode="replicate") if any(pad) else x
+            ids = torch.tensor(idx, device=device)
+            out[ids, :c] = x.round_().clamp_(0, 255).to(torch.uint8)
+            out[ids, c, top : top + h, left : left + w] = 255
     return out
 
 
@@ -91,18 +98,20 @@ def decode_batch(
     out = torch.empty(len(encoded), channels + 1, load_size, load_size, dtype=torch.uint8, device=device)
     as_tensor = lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8)  # noqa: E731  (a writable copy)
     jpegs = [i for i, size in enumerate(sizes) if size[0] > 0]
-    photos = dict(
-        zip(jpegs, decode_jpegs([as_tensor(encoded[i]) for i in jpegs], channels, device), strict=True)
-    )
-    decoded = [i for i in jpegs if photos[i] is not None]
-    if decoded:
-        boxed = letterbox_batch([photos[i] for i in decoded], [sizes[i] for i in decoded], load_size)
-        out[torch.tensor(decoded, device=out.device)] = boxed
+    failed = []
+    for k in range(0, len(jpegs), DECODE_CHUNK):
+        chunk = jpegs[k : k + DECODE_CHUNK]
+        photos = decode_jpegs([as_tensor(encoded[i]) for i in chunk], channels, device)
+        failed += [i for i, p in zip(chunk, photos, strict=True) if p is None]
+        done = [(i, p) for i, p in zip(chunk, photos, strict=True) if p is not None]
+        if done:
+            boxed = letterbox_batch([p for _, p in done], [sizes[i] for i, _ in done], load_size)
+            out[torch.tensor([i for i, _ in done], device=out.device)] = boxed
     for i, size in enumerate(sizes):
         if size[0] == 0:
             out[i] = as_tensor(encoded[i]).view(channels + 1, load_size, load_size).to(device)
-        elif photos[i] is None:
-            if fallback is None:
-                raise RuntimeError(f"JPEG {i} of the batch cannot be decoded on {device} or the CPU")
-            out[i] = fallback(i).to(device)
+    for i in failed:
+        if fallback is None:
+            raise RuntimeError(f"JPEG {i} of the batch cannot be decoded on {device} or the CPU")
+        out[i] = fallback(i).to(device)
     return out
