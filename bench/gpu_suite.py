@@ -11,6 +11,9 @@ others still run; a time guard skips the remaining rows once ``--budget-s`` seco
   decoder (512-d x 8 blocks), bf16. img/s and MFU.
 - **multi-crop views**: ``bench/views.py``'s batched kornia ``MultiCropViews`` on the device against its
   torchvision v2 per-sample pipeline, on the device and on the CPU with 1 thread (one DataLoader worker).
+- **image-folder decode**: ``bench/decode.py``'s comparison of ``data.decode=cpu`` (PIL in DataLoader
+  workers) and ``data.decode=gpu`` (workers read bytes, batched nvjpeg ``decode_jpeg`` + letterbox on the
+  device) on JPEGs of 224-500 px, in images/s per CPU core.
 - **k-NN 1M x 384**: ``sslab.evaluation.knn.knn_search`` with ``backend=auto`` (chunked matmul + top-k on
   the bank's device) and ``backend=faiss`` (FAISS-GPU when faiss-gpu is installed, else FAISS-CPU on fewer
   queries), with the recall of FAISS against auto.
@@ -84,6 +87,7 @@ ROWS = (
     "DINO ViT-S/16 step",
     "MAE ViT-B/16 step",
     "multi-crop views",
+    "image-folder decode",
     "k-NN 1M x 384",
     "MaskCut eigen-solve",
     "torch.compile DINO step",
@@ -118,6 +122,16 @@ class Sizes:
             "depth": 4,
         }
     )
+    decode: dict[str, int] = field(
+        default_factory=lambda: {
+            "images": 512,
+            "min_px": 224,
+            "max_px": 500,
+            "load_size": 320,
+            "batch_size": 64,
+            "workers": 4,
+        }
+    )
     fsdp_batch: int = 64
     warmup: int = 3
     reps: int = 10
@@ -140,6 +154,7 @@ TINY = Sizes(
     queries=100,
     faiss_cpu_queries=100,
     maskcut={"images": 4, "batch_size": 2, "image_size": 32, "patch_size": 8, "depth": 1},
+    decode={"images": 8, "min_px": 48, "max_px": 96, "load_size": 64, "batch_size": 4, "workers": 0},
     fsdp_batch=8,
     warmup=1,
     reps=2,
@@ -389,6 +404,32 @@ def views_row(ctx: Context) -> Row:
     )
 
 
+def decode_row(ctx: Context) -> Row:
+    import decode
+
+    d = dict(ctx.sizes.decode)
+    ns = argparse.Namespace(**d, threads=ctx.args.threads, seed=0, warmup=1, reps=max(2, ctx.sizes.reps // 5))
+    m = decode.measure(ns, ctx.device)
+    per_core, ips, cores = m["per_core"], m["images_per_s"], m["cores"]
+    ratio = per_core["gpu"] / per_core["cpu"]
+    return Row(
+        f"{d['images']} JPEGs of {d['min_px']}-{d['max_px']} px -> {d['load_size']} px letterbox, batch "
+        f"{d['batch_size']}, {d['workers']} worker(s) per side",
+        f"PIL in workers: {fmt_rate(ips['cpu'])} img/s on {cores['cpu']} core(s); decode_jpeg on "
+        f"{ctx.device.type}: {fmt_rate(ips['gpu'])} img/s on {cores['gpu']} core(s); per core {ratio:.2f}x "
+        f"(the workers alone read {fmt_rate(per_core['bytes'])} img/s per core); "
+        f"valid boxes {'identical' if m['same_box'] else 'DIFFER'}, mean |pixel diff| {m['mean_diff']:.2f}",
+        "",
+        {
+            "images_per_s_cpu_decode": round(ips["cpu"], 1),
+            "images_per_s_device_decode": round(ips["gpu"], 1),
+            "per_core_ratio": round(ratio, 3),
+            "images_per_s_per_core_reading_bytes": round(per_core["bytes"], 1),
+            "same_valid_boxes": m["same_box"],
+        },
+    )
+
+
 def knn_row(ctx: Context) -> Row:
     import faiss
 
@@ -573,7 +614,11 @@ def fsdp_row(ctx: Context) -> Row:
 
 
 ROW_FUNCTIONS: dict[str, Callable[[Context], Row]] = dict(
-    zip(ROWS, (dino_row, mae_row, views_row, knn_row, maskcut_row, compile_row, fsdp_row), strict=True)
+    zip(
+        ROWS,
+        (dino_row, mae_row, views_row, decode_row, knn_row, maskcut_row, compile_row, fsdp_row),
+        strict=True,
+    )
 )
 
 

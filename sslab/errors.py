@@ -120,6 +120,12 @@ def _check(cfg: DictConfig, rules: dict[str, tuple[Any, str]]) -> None:
             raise SSLabError(f"{key}={value} is not valid: expected {expected}; fix the override {key}=...")
 
 
+def _cuda_available() -> bool:
+    import torch  # only for data.decode=gpu: every other check stays free of the torch import
+
+    return torch.cuda.is_available()
+
+
 def check_train_config(cfg: DictConfig) -> None:
     """Refuse settings that would otherwise fail deep inside Lightning or the model with a traceback."""
     _check(cfg, TRAIN_RULES)
@@ -137,6 +143,11 @@ def check_train_config(cfg: DictConfig) -> None:
     if resume and str(resume) != "auto" and not Path(str(resume)).expanduser().exists():
         raise SSLabError(
             f"resume={resume}: no checkpoint file at {resume}; pass a .ckpt file, a run directory or auto"
+        )
+    if OmegaConf.select(cfg, "data.decode", default="cpu") == "gpu" and not _cuda_available():
+        raise SSLabError(
+            "data.decode=gpu decodes JPEGs on a CUDA GPU (nvjpeg) and this machine has none; "
+            "use data.decode=cpu (the DataLoader workers decode)"
         )
     init_from = cfg.get("init_from")
     if init_from and not Path(str(init_from)).expanduser().is_file():

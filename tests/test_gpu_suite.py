@@ -36,7 +36,7 @@ def test_gpu_suite_runs_every_row_on_cpu_tiny():
     assert "Traceback" not in out, out[-4000:]
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     names = row_names()
-    assert len(names) == 7
+    assert len(names) == 8
     for name in names:
         assert any(line.startswith(f"| {name} ") for line in table), f"row {name!r} missing:\n{proc.stdout}"
     assert not any("| error:" in line or "| skipped:" in line for line in table), proc.stdout

@@ -31,9 +31,11 @@ Why the images look the way they do:
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,12 +43,14 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from sslab.data.base import SSLDataModule
+from sslab.data.device_decode import DECODE_MODES, decode_batch
 from sslab.errors import SSLabError
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 BAD_FILES = "bad_files.txt"
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
+EXIF_ORIENTATION = 0x0112
 REDUCING_GAP = 2.0  # reduce() keeps at least this multiple of the target size for the final bicubic resize
 
 
@@ -128,6 +132,12 @@ def fit_long_side(width: int, height: int, size: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+def reduce_factor(width: int, height: int, load_size: int) -> int:
+    """The integer ``Image.reduce`` factor that keeps ``REDUCING_GAP`` x the target size (<= 1: none)."""
+    target_w, target_h = fit_long_side(width, height, load_size)
+    return int(min(width / target_w, height / target_h) / REDUCING_GAP)
+
+
 def _scale_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
     """High-bit-depth pixels to 8 bits by their value range: 16-bit modes by 65535; mode ``I`` by 65535 when its
     values fit 16 bits (PNG/TIFF/PGM 16-bit), else by its min-max; ``F`` by 1 when in [0, 1], else min-max."""
@@ -178,8 +188,7 @@ def decode(path: Path, load_size: int, channels: int) -> Image.Image:
             im.draft(None, fit_long_side(*im.size, load_size))
         im.load()
         im = to_mode(ImageOps.exif_transpose(im), channels)  # reduce() needs an 8-bit mode
-    target_w, target_h = fit_long_side(im.width, im.height, load_size)
-    factor = int(min(im.width / target_w, im.height / target_h) / REDUCING_GAP)
+    factor = reduce_factor(im.width, im.height, load_size)
     return im.reduce(factor) if factor > 1 else im
 
 
@@ -188,14 +197,59 @@ def load_image(path: Path, load_size: int, channels: int) -> torch.Tensor:
     return letterbox(decode(path, load_size, channels), load_size, channels)
 
 
+def device_photo_size(data: bytes, load_size: int) -> tuple[int, int] | None:
+    """(w, h) of the photo inside the letterbox exactly as ``load_image`` sizes it (after ``draft`` and
+    ``reduce``), when the device decodes ``data`` to what the CPU path would: a complete (ends in EOI) grey
+    or YCbCr JPEG without an EXIF rotation (torchvision applies EXIF orientation on the CPU only); None for
+    anything else. Reads the header only (``draft`` only picks the DCT scale): no pixel is decoded."""
+    if not data.startswith(b"\xff\xd8\xff") or not data.endswith(b"\xff\xd9"):
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if (
+                im.format != "JPEG"
+                or im.mode not in ("L", "RGB")
+                or im.getexif().get(EXIF_ORIENTATION, 1) != 1
+            ):
+                return None
+            im.draft(None, fit_long_side(*im.size, load_size))
+            w, h = im.size
+    except Exception:  # a header PIL cannot parse: the CPU path decides (and records the file as bad)
+        return None
+    factor = reduce_factor(w, h, load_size)
+    if factor > 1:  # Image.reduce rounds up
+        w, h = -(-w // factor), -(-h // factor)
+    return fit_long_side(w, h, load_size)
+
+
+def read_encoded(path: Path, load_size: int, channels: int) -> tuple[bytes, tuple[int, int]]:
+    """What a ``data.decode=gpu`` worker hands on: ``(the file's bytes, photo size)`` for a JPEG the device
+    decodes (``device_photo_size``), else ``(the letterboxed image's raw bytes, (0, 0))``. Other formats (PNG,
+    WebP, ...), CMYK and EXIF-rotated JPEGs are decoded here on the CPU by ``load_image``, with PIL as in
+    ``data.decode=cpu`` rather than ``torchvision.io.decode_image``, so that this module's mode rules
+    (transparency on white, 16-bit scaling, EXIF orientation) hold for them too. ``bytes`` because the default
+    collate keeps them as a list (variable-length tensors would not stack)."""
+    data = path.read_bytes()
+    size = device_photo_size(data, load_size)
+    if size is not None:
+        return data, size
+    return load_image(path, load_size, channels).numpy().tobytes(), (0, 0)
+
+
 # -- dataset ----------------------------------------------------------------------------------------------
 class ImageFolderDataset(Dataset):
     """Letterboxed images with labels. A file that fails to decode is replaced by the next readable one (in
     list order, wrapping), so the sample for an index depends only on the files: batch sizes and an exact
-    resume hold. Failures are logged once per worker and appended to ``bad_files`` when it is set."""
+    resume hold. Failures are logged once per worker and appended to ``bad_files`` when it is set.
 
-    def __init__(self, files: list[Path], labels: np.ndarray, load_size: int, channels: int) -> None:
+    ``encoded=True`` (``data.decode=gpu``): samples carry ``read_encoded``'s ``encoded`` bytes and
+    ``photo_size`` instead of ``image``; ``ImageFolderDataModule.transfer_batch_to_device`` makes the images."""
+
+    def __init__(
+        self, files: list[Path], labels: np.ndarray, load_size: int, channels: int, encoded: bool = False
+    ) -> None:
         self.files, self.labels, self.load_size, self.channels = files, labels, load_size, channels
+        self.encoded = encoded
         self.bad_files: Path | None = None  # <run dir>/bad_files.txt once the run directory is known
         self.known_bad: set[int] = set()
 
@@ -207,17 +261,25 @@ class ImageFolderDataset(Dataset):
         self.known_bad |= {i for i, f in enumerate(self.files) if str(f) in paths}
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.sample(i, self.encoded)
+
+    def sample(self, i: int, encoded: bool) -> dict[str, torch.Tensor]:
+        """Sample ``i``, or the next readable file's; ``encoded`` as the constructor's."""
         n = len(self.files)
         for k in range(n):
             j = (i + k) % n
             if j in self.known_bad:
                 continue
             try:
-                image = load_image(self.files[j], self.load_size, self.channels)
+                if encoded:
+                    data, size = read_encoded(self.files[j], self.load_size, self.channels)
+                    sample = {"encoded": data, "photo_size": torch.tensor(size)}
+                else:
+                    sample = {"image": load_image(self.files[j], self.load_size, self.channels)}
             except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
                 self._record_bad(j, e)
                 continue
-            return {"image": image, "label": torch.tensor(int(self.labels[j])), "index": torch.tensor(j)}
+            return {**sample, "label": torch.tensor(int(self.labels[j])), "index": torch.tensor(j)}
         raise SSLabError(f"none of the {n} image files can be decoded, e.g. {self.files[0]}")
 
     def _record_bad(self, j: int, error: Exception) -> None:
@@ -277,6 +339,11 @@ class ImageFolderDataModule(SSLDataModule):
     k-NN / linear-probe evaluation is off (``eval_off_reason``) unless ``eval_path`` names a class-folder tree;
     then the bank and test splits come from it (its ``train``/``val`` or a ``val_fraction`` split) and
     ``path`` is read as unlabelled training data.
+
+    ``decode="gpu"``: the training loader's workers only read the files' bytes (``read_encoded``) and
+    ``transfer_batch_to_device`` decodes the batch on the training device (``sslab.data.device_decode``). The
+    evaluation loaders keep the CPU decode: their callers take decoded images straight from the DataLoader,
+    outside Lightning's batch transfer.
     """
 
     def __init__(
@@ -286,9 +353,13 @@ class ImageFolderDataModule(SSLDataModule):
         load_size: int | None = None,
         eval_path: str | None = None,
         labels: str = "auto",
+        decode: str = "cpu",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        if decode not in DECODE_MODES:
+            raise SSLabError(f"data.decode={decode!r} is unknown; choose one of {', '.join(DECODE_MODES)}")
+        self.decode = decode
         self.path = Path(path).expanduser()
         self.eval_path = Path(eval_path).expanduser() if eval_path else None
         self.labels = labels
@@ -357,12 +428,29 @@ class ImageFolderDataModule(SSLDataModule):
                 f"data.path={self.path} has no class folders, so there are no labels: k-NN and linear probe "
                 "are off; set data.eval_path=DIR (DIR/<class>/<images>) for their numbers on a labelled subset"
             )
-        make = lambda fs, ls: ImageFolderDataset(fs, ls, self.load_size, self.channels)  # noqa: E731
-        self._datasets = [make(train_files, train_labels), make(test_files, test_labels)]
-        if self.eval_path is not None:
+        make = lambda fs, ls, enc=False: ImageFolderDataset(fs, ls, self.load_size, self.channels, enc)  # noqa: E731
+        self._datasets = [
+            make(train_files, train_labels, self.decode == "gpu"),
+            make(test_files, test_labels),
+        ]
+        if self.eval_path is None and self.decode == "gpu":  # the bank is the training files, decoded here
+            bank_files, bank_labels = train_files, train_labels
+        if self.eval_path is not None or self.decode == "gpu":
             self._datasets.append(make(bank_files, bank_labels))
             self._bank = (self._datasets[2], bank_labels)
         return self._datasets[0], train_labels, self._datasets[1], test_labels
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Lightning's move of a training batch to the device; with ``decode="gpu"`` it also decodes the batch
+        there (a DataModule hook: the methods' ``on_after_batch_transfer``, which makes the views, still runs
+        after it and finds ``image`` as with CPU decoding)."""
+        if not isinstance(batch, dict) or "encoded" not in batch:
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        encoded, sizes, index = batch.pop("encoded"), batch.pop("photo_size"), batch["index"].tolist()
+        batch = super().transfer_batch_to_device(batch, device, dataloader_idx)
+        on_cpu = lambda i: self.train_set.sample(index[i], encoded=False)["image"]  # noqa: E731  (a corrupt JPEG)
+        batch["image"] = decode_batch(encoded, sizes.tolist(), self.load_size, self.channels, device, on_cpu)
+        return batch
 
     def load_bank(self) -> tuple[Dataset, np.ndarray] | None:
         return self._bank
