@@ -193,8 +193,8 @@ def test_cnn_backbone_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_mae_trains_end_to_end_with_falling_loss_and_pictures(tmp_path, monkeypatch):
-    from sslab import evaluate as evaluate_module
-    from sslab.training import train
+    from sslab.runs import evaluate as evaluate_module
+    from sslab.runs.training import train
 
     cfg = mim_cfg(
         tmp_path,
