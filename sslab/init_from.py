@@ -40,10 +40,10 @@ def load_eval_backbone_state(
     return backbone_cfg, state
 
 
-def build_with_weights(weights: str | None = None, **backbone_cfg: Any) -> Backbone:
-    """``backbones.build(**backbone_cfg)`` with ``weights`` (``backbone.weights=FILE``: a train.py checkpoint's
+def build_with_weights(name: str, weights: str | None = None, **backbone_cfg: Any) -> Backbone:
+    """``backbones.build(name, **backbone_cfg)`` with ``weights`` (``backbone.weights=FILE``: a train.py checkpoint's
     evaluation encoder or an official DINO / DINOv2 / MAE / timm file) loaded into it."""
-    backbone = backbones.build(**backbone_cfg)
+    backbone = backbones.build(name, **backbone_cfg)
     if weights:
         init_backbone(backbone, weights, option="backbone.weights")
     return backbone
