@@ -7,6 +7,7 @@ ground-truth masks). The encoder is the checkpoint's evaluation encoder (the tea
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -15,8 +16,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from sslab.build import build_datamodule
+from sslab.cli import open_overrides, parse_overrides
 from sslab.cutler.pseudo_masks import coco_source, maskcut_annotations, write_coco
-from sslab.errors import SSLabError
+from sslab.errors import SSLabError, fail, user_message
 from sslab.evaluation.discovery import COLUMNS, discovery_metrics
 from sslab.report import print_json_line, print_table
 from sslab.runs.reopen import reopen
@@ -63,27 +65,33 @@ def export_pseudo_masks(
     return write_coco(out, images, annotations, info)
 
 
+OPTIONS = ("split", "n_masks", "tau", "batch_size", "device", "random_init")  # export_pseudo_masks' defaults
+DEFAULTS: dict[str, Any] = {
+    "ckpt": None,  # a DINO-family checkpoint written by train.py (required)
+    "out": None,  # the COCO JSON to write (default: maskcut_<split>.json beside the checkpoint)
+    **{k: inspect.signature(export_pseudo_masks).parameters[k].default for k in OPTIONS},
+    "data": {},  # data.<field>=... over the checkpoint's data config
+}
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``key=value`` arguments: ckpt (required), out, split, n_masks, tau, batch_size, device, random_init,
-    and ``data.<field>=...`` overrides of the checkpoint's data config."""
-    args = OmegaConf.from_dotlist(sys.argv[1:] if argv is None else argv)
+    """``key=value`` arguments in Hydra's override grammar, as ``python -m sslab.export`` takes them."""
     try:
-        if "ckpt" not in args:
+        args = open_overrides(sys.argv[1:] if argv is None else argv, ["data"])
+        cfg = parse_overrides("runs.maskcut", DEFAULTS, args)
+        if cfg.ckpt is None:
             raise SSLabError("pass ckpt=PATH (a DINO-family checkpoint written by train.py) [out=FILE.json]")
         out = export_pseudo_masks(
-            args.ckpt,
-            split=str(args.get("split", "train")),
-            out_json=args.get("out"),
-            n_masks=int(args.get("n_masks", 3)),
-            tau=float(args.get("tau", 0.15)),
-            batch_size=int(args.get("batch_size", 64)),
-            device=str(args.get("device", "auto")),
-            random_init=bool(args.get("random_init", False)),
-            data_overrides=OmegaConf.to_container(args.data) if "data" in args else None,
+            cfg.ckpt,
+            out_json=cfg.out,
+            data_overrides=OmegaConf.to_container(cfg.data) or None,
+            **{k: cfg[k] for k in OPTIONS},
         )
-    except SSLabError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except Exception as e:
+        message = user_message(e)
+        if message is None:
+            raise  # a bug: keep its traceback
+        fail(message, log_file=False)
     n = len(json.loads(out.read_text())["annotations"])
     print(f"wrote {n} pseudo-masks to {out}")
 
