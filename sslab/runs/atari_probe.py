@@ -25,10 +25,8 @@ def evaluate_checkpoints(cfg: DictConfig) -> dict[str, Any]:
     dm, base_cfg = first.datamodule, first.cfg
     if not isinstance(dm, AtariDataModule):
         raise SSLabError(f"eval=atari_probe needs a checkpoint trained with data=atari, not data={dm.name}")
-    runs = [
-        first,
-        *(reopen(p, datamodule=dm) for p in paths[1:]),
-    ]  # every encoder probed on the same episodes
+    # every encoder is probed on the same episodes: the first checkpoint's data
+    runs = [first, *(reopen(p, datamodule=dm) for p in paths[1:])]
     device = resolve_device(cfg.device)
     opts = OmegaConf.to_container(cfg.atari_probe, resolve=True)
     random_init = bool(opts.pop("random_init", True))
