@@ -16,7 +16,7 @@ register_resolvers()
 def main(cfg: DictConfig) -> None:
     try:
         check_eval_config(cfg)
-        from sslab.evaluate import evaluate, write_metrics
+        from sslab.runs.evaluate import evaluate, write_metrics
 
         write_metrics(evaluate(cfg))  # metrics.json beside eval.log
     except Exception as e:

@@ -17,8 +17,8 @@ register_resolvers()  # ${auto_precision:} resolves under --cfg job --resolve to
 def main(cfg: DictConfig) -> None:
     try:
         check_train_config(cfg)  # before the heavy imports: a mistyped setting is refused in a second
-        from sslab.pipeline import pipeline_main
-        from sslab.training import train
+        from sslab.runs.pipeline import pipeline_main
+        from sslab.runs.training import train
 
         pipeline_main(cfg) if cfg.get("pipeline") else train(cfg)
     except Exception as e:
@@ -29,7 +29,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    # any Lightning Trainer option without Hydra's "+" (sslab.training refuses names the Trainer does not take)
+    # any Lightning Trainer option without Hydra's "+" (sslab.runs.training refuses names the Trainer does not take)
     listed = listed_keys(str(Path(__file__).parent / "conf" / "trainer" / "default.yaml"), "trainer")
     sys.argv[1:] = open_overrides(sys.argv[1:], ["trainer"], listed)
     unreachable = slurm_unreachable(sys.argv[1:])

@@ -20,7 +20,7 @@ What runs, for each seed:
   functions, in a plain PyTorch loop in this process; same backbone (``build_backbone`` of the same composed
   config), data, batch, steps, wall-clock cap, lr, weight decay, schedules, temperatures and head sizes.
   images/s = steps x batch / time of the loop (views included, evaluation excluded).
-- **evaluation**, the same for every encoder: ``sslab.evaluate`` (what ``python eval.py ckpt=...
+- **evaluation**, the same for every encoder: ``sslab.runs.evaluate`` (what ``python eval.py ckpt=...
   eval=[knn,linear]`` runs) for sslab checkpoints, and its ``evaluate_model`` for the twins and the baselines:
   features of the deterministic eval view, cosine 20-NN (T 0.07) and the offline linear probe of
   ``conf/eval.yaml``, on the class-balanced 10k bank / 2k test split of the run's data config.
@@ -89,8 +89,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from sslab.build import build_datamodule, build_method
 from sslab.checkpoint_io import read_checkpoint
-from sslab.evaluate import evaluate, evaluate_model
 from sslab.evaluation.features import raw_pixels
+from sslab.runs.evaluate import evaluate, evaluate_model
 
 METHODS = ("dino", "ibot", "dinov2", "mae", "diffmae", "vicreg", "wsp", "mae_wsp")
 PIPELINES = ("mae_wsp",)  # run as python train.py pipeline=NAME
@@ -300,7 +300,7 @@ def run_baselines(args: argparse.Namespace, seed: int) -> dict[str, dict[str, fl
     """Random init (the default config's encoder, built as train.py's baselines build it) and raw pixels."""
     cfg = compose_cfg("config", common_overrides(args, seed))
     dm = build_datamodule(cfg)
-    torch.manual_seed(cfg.seed)  # as sslab.training.baseline_knn
+    torch.manual_seed(cfg.seed)  # as sslab.runs.training.baseline_knn
     random_model = build_method(cfg, dm).to(args.device)
     bank_loader, test_loader = dm.eval_dataloaders()
     ecfg = eval_cfg(args)

@@ -3,7 +3,7 @@
 Three sides cut the same patch keys (a random-init timm ViT-T's last-block keys of seeded random images; the
 features are extracted once and their time reported separately, since every side needs them):
 
-- **sslab batched**: ``sslab.modules.maskcut.maskcut`` on ``--batch-size`` images at once (one batched
+- **sslab batched**: ``sslab.cutler.maskcut.maskcut`` on ``--batch-size`` images at once (one batched
   ``torch.linalg.eigh`` over (B, N, N) per round, batched flood fill), float32;
 - **torch per image**: the same function called with one image at a time (a Python loop over the images);
 - **scipy per image** (the reference's way, facebookresearch/CutLER ``maskcut.py``): ``maskcut_numpy``,
@@ -35,7 +35,7 @@ from _common import (
 )
 
 from sslab import backbones
-from sslab.modules.maskcut import maskcut, maskcut_numpy, patch_keys
+from sslab.cutler.maskcut import maskcut, maskcut_numpy, patch_keys
 
 
 def parse_args() -> argparse.Namespace:

@@ -223,7 +223,7 @@ class Twin(nn.Module):
     @torch.no_grad()
     def embed_uint8(self, images: torch.Tensor) -> torch.Tensor:
         """sslab's evaluation view (``eval_view``) and the twin's encoder: the same features path as sslab's
-        ``embed_uint8``, so ``sslab.evaluate.evaluate_model`` evaluates both alike."""
+        ``embed_uint8``, so ``sslab.runs.evaluate.evaluate_model`` evaluates both alike."""
         enc = self.encoder()
         was = enc.training
         enc.eval()

@@ -2,8 +2,8 @@
 
 Python API (``sslab.api``): ``sslab.train(method="dino", data="fashion_mnist", **overrides)`` runs what
 ``python train.py`` runs; ``sslab.methods.DINO.from_config(backbone=my_module, data=datamodule)`` builds a
-method for the user's own ``pl.Trainer().fit``. The run itself lives in ``sslab.training`` (the name differs
-from the entry point ``train.py`` and from this function).
+method for the user's own ``pl.Trainer().fit``. The run itself lives in ``sslab.runs.training`` (the name
+differs from the entry point ``train.py`` and from this function).
 
 Imports stay light (``train.py --help`` answers in a second): subpackages load on first use.
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_LAZY = ("api", "backbones", "callbacks", "data", "methods", "evaluation", "modules", "augment", "training")
+_LAZY = ("api", "backbones", "callbacks", "data", "methods", "evaluation", "modules", "augment", "runs")
 
 
 def train(*args: str, **overrides: Any) -> dict[str, Any]:

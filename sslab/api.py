@@ -3,7 +3,7 @@
 
 Both compose the same Hydra config tree (``conf/`` beside the package) with the same override grammar, so a
 keyword here means what the command-line setting means there, and the tested training path is the one that
-runs; nothing of ``sslab.training.train`` is re-implemented here.
+runs; nothing of ``sslab.runs.training.train`` is re-implemented here.
 
 Keyword overrides: a config group takes its option (``method="mae"``, ``trainer="debug"``,
 ``logger=["csv"]``); a dotted key goes in through ``**{"data.path": DIR}`` or with ``__`` for the dot
@@ -106,7 +106,7 @@ def train(*args: str, **kwargs: Any) -> dict[str, Any]:
             "sslab.train runs one training run; run multi-stage recipes as python train.py pipeline=NAME"
         )
     check_train_config(cfg)  # as train.py: a mistyped setting is refused before the heavy imports
-    from sslab.training import train as run_training  # lazily: torch and Lightning load only now
+    from sslab.runs.training import train as run_training  # lazily: torch and Lightning load only now
 
     if not cfg.get("run_dir"):  # train.py's Hydra run directory, outside Hydra
         stamp = datetime.datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f")

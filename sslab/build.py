@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from sslab import backbones
 from sslab.data import SSLDataModule
 from sslab.errors import SSLabError
+from sslab.init_from import build_with_weights
 from sslab.methods import DataSpec, SSLMethod
 
 
@@ -42,7 +43,7 @@ def build_backbone(cfg: DictConfig, pretrained: bool = True) -> backbones.Backbo
     kwargs: dict[str, Any] = OmegaConf.to_container(cfg.backbone, resolve=True)
     if not pretrained:
         kwargs.pop("weights", None)
-    return backbones.build(**kwargs)
+    return build_with_weights(**kwargs)
 
 
 def build_method(cfg: DictConfig, dm: SSLDataModule, pretrained: bool = True) -> SSLMethod:

@@ -6,10 +6,11 @@
 - ``open_overrides``: ``data.eval_bank_size=100`` in eval.py and ``trainer.gradient_clip_val=1`` in train.py
   without Hydra's ``+`` for keys the config does not list (those settings belong to the checkpoint's data
   config and to Lightning's Trainer, so they cannot all be listed); unknown keys are refused later with one
-  line (``check_trainer_keys``, ``sslab.evaluate``).
+  line (``check_trainer_keys``, ``sslab.runs.reopen``).
 - ``fit_workers``: no more data-loader workers than CPU cores (torch warns about it, once per loader).
 - ``slurm_unreachable``: a sweep sent to the SLURM launcher from a machine where no controller answers ends in
   one line instead of submitit's traceback.
+- ``parse_overrides``: the ``key=value`` command line of the ``python -m`` tools (export, embed, data.convert).
 - ``quiet_startup``: library start-up chatter that tells a user nothing (faiss' loader, Lightning's
   ``srun`` hint outside SLURM, the litlogger tip).
 """
@@ -23,9 +24,11 @@ import shutil
 import subprocess
 import warnings
 from collections.abc import Iterable
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from sslab.errors import SSLabError
 from sslab.progress_lines import say
 
 
@@ -127,3 +130,48 @@ def slurm_unreachable(argv: list[str]) -> str | None:
         f"hydra/launcher=slurm: SLURM is not reachable from this machine (scontrol ping: {answer}); launch "
         "from a node of the cluster or drop hydra/launcher=slurm"
     )
+
+
+# -- the python -m tools' key=value command line (export, embed, data.convert) --------------------------------
+def parse_overrides(name: str, defaults: dict[str, Any], argv: list[str]) -> DictConfig:
+    """``key=value`` arguments in Hydra's override grammar (as ``eval.py`` takes them) over ``defaults``, without
+    a Hydra run directory or log file; an unknown key or a missing required one is one line."""
+    from hydra import compose, initialize
+    from hydra.core.config_store import ConfigStore
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    ConfigStore.instance().store(name=f"sslab_{name}", node=defaults)
+    try:
+        with initialize(version_base="1.3", config_path=None):
+            cfg = compose(config_name=f"sslab_{name}", overrides=list(argv))
+    except (HydraException, OmegaConfBaseException) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SSLabError(f"{first} (python -m sslab.{name} takes {usage(defaults)})") from e
+    missing = missing_keys(cfg)
+    if missing:
+        raise SSLabError(
+            f"pass {' '.join(f'{k}=...' for k in missing)} (python -m sslab.{name} takes {usage(defaults)})"
+        )
+    return cfg
+
+
+def missing_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Required keys (``???``) still unset, nested ones dotted."""
+    out = []
+    for key in cfg:
+        if OmegaConf.is_missing(cfg, key):
+            out.append(f"{prefix}{key}")
+        elif isinstance(cfg[key], DictConfig):
+            out += missing_keys(cfg[key], f"{prefix}{key}.")
+    return out
+
+
+def usage(defaults: dict[str, Any], prefix: str = "") -> str:
+    parts = []
+    for k, v in defaults.items():
+        if isinstance(v, dict):
+            parts.append(usage(v, f"{prefix}{k}."))
+        else:
+            parts.append(f"{prefix}{k}={'...' if v == '???' else v}")
+    return " ".join(parts)

@@ -27,10 +27,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from sslab.augment.multicrop import eval_view
+from sslab.cli import parse_overrides
 from sslab.data.imagefolder import IMAGE_EXTENSIONS, load_image
 from sslab.devices import resolve_device
 from sslab.errors import SSLabError, fail, user_message
-from sslab.export import load_encoder, parse_overrides
+from sslab.export import load_encoder
 
 log = logging.getLogger(__name__)
 DEFAULTS = {

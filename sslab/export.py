@@ -33,8 +33,9 @@ from torch import nn
 from sslab.backbones.cnn import SMALL_INPUT, CNNBackbone
 from sslab.backbones.registry import CNN, VIT
 from sslab.backbones.vit import ViTBackbone
+from sslab.cli import parse_overrides
 from sslab.errors import SSLabError, fail, user_message
-from sslab.init_from import load_eval_encoder
+from sslab.runs.reopen import reopen
 
 FORMATS = ("timm", "torchvision", "onnx", "torchscript")
 DEFAULTS = {
@@ -67,7 +68,7 @@ class FeatureEncoder(nn.Module):
 def load_encoder(ckpt: str | Path) -> tuple[FeatureEncoder, DictConfig]:
     """The checkpoint's evaluation encoder wrapped as ``FeatureEncoder`` (eval mode) and the run's config;
     the pooling is the method's (``method.embed_pool``, MAE/DiffMAE; CLS otherwise)."""
-    backbone, run_cfg = load_eval_encoder(ckpt, "ckpt")
+    backbone, run_cfg, _, _ = reopen(ckpt, encoder_only=True)
     pool = str(OmegaConf.select(run_cfg, "method.embed_pool", default="cls") or "cls")
     return FeatureEncoder(backbone, pool).eval(), run_cfg
 
@@ -207,51 +208,6 @@ def export(ckpt: str | Path, fmt: str, out: str | Path, opset: int = 17) -> dict
 def metadata_path(out: str | Path) -> Path:
     out = Path(out)
     return out.with_name(out.name + ".json")
-
-
-# -- command line ----------------------------------------------------------------------------------------------
-def parse_overrides(name: str, defaults: dict[str, Any], argv: list[str]) -> DictConfig:
-    """``key=value`` arguments in Hydra's override grammar (as ``eval.py`` takes them) over ``defaults``, without
-    a Hydra run directory or log file; an unknown key or a missing required one is one line."""
-    from hydra import compose, initialize
-    from hydra.core.config_store import ConfigStore
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    ConfigStore.instance().store(name=f"sslab_{name}", node=defaults)
-    try:
-        with initialize(version_base="1.3", config_path=None):
-            cfg = compose(config_name=f"sslab_{name}", overrides=list(argv))
-    except (HydraException, OmegaConfBaseException) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SSLabError(f"{first} (python -m sslab.{name} takes {usage(defaults)})") from e
-    missing = missing_keys(cfg)
-    if missing:
-        raise SSLabError(
-            f"pass {' '.join(f'{k}=...' for k in missing)} (python -m sslab.{name} takes {usage(defaults)})"
-        )
-    return cfg
-
-
-def missing_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
-    """Required keys (``???``) still unset, nested ones dotted."""
-    out = []
-    for key in cfg:
-        if OmegaConf.is_missing(cfg, key):
-            out.append(f"{prefix}{key}")
-        elif isinstance(cfg[key], DictConfig):
-            out += missing_keys(cfg[key], f"{prefix}{key}.")
-    return out
-
-
-def usage(defaults: dict[str, Any], prefix: str = "") -> str:
-    parts = []
-    for k, v in defaults.items():
-        if isinstance(v, dict):
-            parts.append(usage(v, f"{prefix}{k}."))
-        else:
-            parts.append(f"{prefix}{k}={'...' if v == '???' else v}")
-    return " ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,6 +3,7 @@ an official checkpoint file (DINO, DINOv2, MAE, timm; ``sslab.official_weights``
 
 A train.py checkpoint names the prefix of its evaluation encoder (the teacher for DINO-family methods), so the
 weights are taken without rebuilding the method or its data. Any other file is read as an official one.
+Reopening a whole run (method, config, data) is ``sslab.runs.reopen``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from sslab import backbones
+from sslab.backbones import Backbone
 from sslab.checkpoint_io import atomic_torch_save, read_checkpoint
 from sslab.errors import SSLabError
 from sslab.official_weights import load_official_weights, read_weights_file
@@ -35,6 +38,15 @@ def load_eval_backbone_state(
     backbone_cfg = dict(ckpt["sslab_config"]["backbone"])
     backbone_cfg.pop("weights", None)
     return backbone_cfg, state
+
+
+def build_with_weights(name: str, weights: str | None = None, **backbone_cfg: Any) -> Backbone:
+    """``backbones.build(name, **backbone_cfg)`` with ``weights`` (``backbone.weights=FILE``: a train.py checkpoint's
+    evaluation encoder or an official DINO / DINOv2 / MAE / timm file) loaded into it."""
+    backbone = backbones.build(name, **backbone_cfg)
+    if weights:
+        init_backbone(backbone, weights, option="backbone.weights")
+    return backbone
 
 
 def init_backbone(
@@ -64,19 +76,6 @@ def init_backbone(
     return source_cfg
 
 
-def load_eval_encoder(ckpt_path: str | Path, option: str = "ckpt") -> tuple[nn.Module, DictConfig]:
-    """The evaluation encoder of a train.py checkpoint (DINO family: the teacher) in eval mode, and the run's
-    config: what export and embedding need, without building the method or its data (whose files may not
-    be on this machine)."""
-    from sslab import backbones
-
-    ckpt = read_checkpoint(ckpt_path, option)
-    backbone_cfg, _ = load_eval_backbone_state(ckpt_path, ckpt)
-    backbone = backbones.build(**backbone_cfg)
-    init_backbone(backbone, ckpt_path, ckpt, option)
-    return backbone.eval(), OmegaConf.create(ckpt["sslab_config"])
-
-
 def is_train_checkpoint(path: str | Path) -> bool:
     """Whether ``path`` is a train.py checkpoint (cheap: the tensors are memory-mapped, not read). Only
     ``.ckpt`` files are unpickled in full, as ``read_checkpoint`` does; another file that needs it (DINO's
@@ -96,8 +95,6 @@ def as_train_checkpoint(
     file, so tools that read train.py checkpoints (MaskCut, the CutLER detector) take official weights too.
     The stored config keeps ``backbone.weights`` null (the state dict holds them) and names the file in
     ``sslab_weights_source``."""
-    from sslab import backbones
-
     backbone_cfg: dict[str, Any] = OmegaConf.to_container(cfg.backbone, resolve=True)
     backbone_cfg.pop("weights", None)
     backbone = backbones.build(**backbone_cfg)

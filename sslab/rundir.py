@@ -113,7 +113,7 @@ class RunDirLock(Callback):
 def continued_run(config: Any) -> tuple[Path, int | None] | None:
     """For ``resume=auto`` (not a pipeline, no ``hydra.run.dir`` given): the newest ``checkpoints/last.ckpt``
     under ``paths.output_dir`` of the same method and backbone, and its step. The full check (parameter
-    names, shapes, optimizer groups) follows in ``sslab.training`` once the model is built."""
+    names, shapes, optimizer groups) follows in ``sslab.runs.training`` once the model is built."""
     if str(config.get("resume")) != "auto" or config.get("pipeline") or config.get("run_dir"):
         return None
     if any(o.split("=", 1)[0].lstrip("+") == "hydra.run.dir" for o in config.hydra.overrides.task):

@@ -57,9 +57,9 @@ def test_overrides_follow_hydra_grammar():
 
 
 def test_sslab_train_is_the_api_call_and_training_the_module():
-    from sslab.training import train  # the training function train.py and the tests import
+    from sslab.runs.training import train  # the training function train.py and the tests import
 
-    assert callable(sslab.train) and sslab.training.train is train and sslab.train is not train
+    assert callable(sslab.train) and sslab.runs.training.train is train and sslab.train is not train
 
 
 def test_adapter_infers_the_width_and_refuses_masking():

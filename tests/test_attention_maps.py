@@ -16,7 +16,7 @@ from sslab.callbacks.attention_maps import (
     mass_threshold,
     tile_size,
 )
-from sslab.training import train
+from sslab.runs.training import train
 from tests.wandb_file import history
 
 

@@ -44,7 +44,7 @@ def test_k_equal_orthogonal_directions_give_rank_k():
 def test_training_step_logs_grad_norm_and_collapse_statistics(tiny_cfg, tmp_path):
     import csv
 
-    from sslab.training import train
+    from sslab.runs.training import train
 
     train(tiny_cfg("trainer.max_steps=2", "callbacks=[]", "trainer.log_every_n_steps=2"))
     with open(tmp_path / "csv" / "metrics.csv") as f:

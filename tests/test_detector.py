@@ -274,7 +274,7 @@ def test_backbone_starts_from_a_dino_checkpoint(tmp_path):
     """A real one-step DINO run (28 px Fashion-MNIST, patch 7) initialises the detector's ViT, which runs at
     patch 8 on 64 px images; with lr 0 one detector step leaves the encoder exactly at DINO's teacher."""
     from sslab.init_from import load_eval_backbone_state
-    from sslab.training import train
+    from sslab.runs.training import train
     from tests.conftest import make_cfg
 
     train(make_cfg(tmp_path / "dino", "trainer.max_steps=1", "callbacks=[]"))

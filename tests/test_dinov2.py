@@ -11,7 +11,7 @@ from sslab.errors import SSLabError
 from sslab.modules.koleo import koleo_loss
 from sslab.modules.schedules import LinearWarmupSchedule
 from sslab.modules.sinkhorn import sinkhorn_knopp
-from sslab.training import train
+from sslab.runs.training import train
 
 
 def test_koleo_matches_hand_computation():

@@ -14,9 +14,10 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
 from sslab.build import build_datamodule, build_method
-from sslab.cutler.pseudo_masks import coco_source, export_pseudo_masks, main
+from sslab.cutler.pseudo_masks import coco_source
 from sslab.errors import SSLabError
 from sslab.evaluation.discovery import discovery_metrics
+from sslab.runs.maskcut import export_pseudo_masks, main
 from tests.conftest import make_cfg
 
 
@@ -203,7 +204,7 @@ def test_eval_discovery_reports_maskcut_and_random_init_rows(tmp_path, capsys):
     from hydra import compose, initialize_config_dir
 
     from sslab.data import stamps_build
-    from sslab.evaluate import evaluate
+    from sslab.runs.evaluate import evaluate
     from tests.conftest import CONF
 
     if not stamps_build.STAMPS_DIR.is_dir():

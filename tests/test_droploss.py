@@ -8,7 +8,7 @@ import torch
 
 from sslab.backbones import build
 from sslab.cutler.detector import build_detector
-from sslab.modules.droploss import (
+from sslab.cutler.droploss import (
     drop_keep,
     droploss_classification,
     max_iou_to_gt,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sslab.errors import SSLabError
-from sslab.training import train
+from sslab.runs.training import train
 from tests.conftest import ROOT, TINY
 from tests.wandb_file import config, history, records
 

@@ -8,9 +8,9 @@ from hydra import compose, initialize_config_dir
 
 from sslab.backbones import build
 from sslab.build import build_datamodule, build_method
-from sslab.evaluate import evaluate
 from sslab.evaluation.finetune import Classifier, finetune, finetune_param_groups
-from sslab.training import train
+from sslab.runs.evaluate import evaluate
+from sslab.runs.training import train
 from tests.conftest import CONF, make_cfg
 
 

@@ -20,8 +20,8 @@ from sslab.backbones.flexi import (
 )
 from sslab.build import build_datamodule, build_method
 from sslab.errors import SSLabError
-from sslab.evaluate import eval_patch_sizes, evaluate
-from sslab.training import train
+from sslab.runs.evaluate import eval_patch_sizes, evaluate
+from sslab.runs.training import train
 from tests.conftest import CONF, make_cfg
 
 

@@ -17,7 +17,7 @@ from sslab.modules.ibot_loss import (
     update_patch_center,
 )
 from sslab.modules.schedules import LinearWarmupSchedule
-from sslab.training import train
+from sslab.runs.training import train
 
 
 def softmax(xs, t=1.0):

@@ -66,6 +66,6 @@ def test_unknown_optimizer_is_refused(tiny_cfg):
 
 @pytest.mark.slow
 def test_a_short_run_trains_with_lars(tiny_cfg):
-    from sslab.training import train
+    from sslab.runs.training import train
 
     train(tiny_cfg("method.optimizer=lars", "method.base_lr=0.2", "trainer.max_steps=2", "callbacks=[]"))

@@ -17,7 +17,7 @@ from statistics import mean
 import pytest
 from hydra import compose, initialize_config_dir
 
-from sslab.training import train
+from sslab.runs.training import train
 from tests.conftest import CONF
 
 pytestmark = pytest.mark.slow

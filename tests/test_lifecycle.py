@@ -97,7 +97,7 @@ def test_startup_noise_is_silenced(tiny_cfg, capsys):
 
 
 def test_step_limit_epochs_win_when_typed(tiny_cfg):
-    from sslab.training import step_limit
+    from sslab.runs.training import step_limit
 
     cfg = tiny_cfg("trainer.max_epochs=3")
     assert step_limit(cfg, ["trainer.max_epochs=3"]) == (
@@ -139,7 +139,7 @@ def test_phase_prints_start_periodic_and_end_lines(capsys):
 
 def test_pipeline_resume_hint_names_the_pipeline_directory(tmp_path, capsys):
     from sslab.callbacks.preemption import Preempted
-    from sslab.pipeline import continue_hint, warn_ignored_overrides
+    from sslab.runs.pipeline import continue_hint, warn_ignored_overrides
 
     stage, pipe = tmp_path / "p" / "mae", tmp_path / "p"
     with pytest.raises(Preempted) as info, continue_hint(stage, pipe, "mae_wsp"):

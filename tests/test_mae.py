@@ -12,10 +12,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
+from sslab.backbones.pos_embed import sincos_2d
 from sslab.build import build_datamodule, build_method
 from sslab.errors import SSLabError
 from sslab.modules.masking import random_masking
-from sslab.modules.patches import masked_mse, normalized_patches, patchify, sincos_2d, unpatchify
+from sslab.modules.patches import masked_mse, normalized_patches, patchify, unpatchify
 from tests.conftest import CONF, TINY
 from tests.wandb_file import history, records
 
@@ -193,8 +194,8 @@ def test_cnn_backbone_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_mae_trains_end_to_end_with_falling_loss_and_pictures(tmp_path, monkeypatch):
-    from sslab import evaluate as evaluate_module
-    from sslab.training import train
+    from sslab.runs import evaluate as evaluate_module
+    from sslab.runs.training import train
 
     cfg = mim_cfg(
         tmp_path,

@@ -9,7 +9,7 @@ import torch
 from scipy import ndimage
 
 from sslab import backbones
-from sslab.modules.maskcut import (
+from sslab.cutler.maskcut import (
     EPS,
     binary_affinity,
     filter_round,

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from sslab.backbones import build
 from sslab.build import build_backbone, build_datamodule, build_method
 from sslab.errors import SSLabError
+from sslab.init_from import build_with_weights as build
 from sslab.modules.heads import DINOHead
 from sslab.official_weights import dino_head_state, load_dino_head, read_weights_file
 from tests.conftest import make_cfg
@@ -430,10 +430,10 @@ def test_dino_head_weight_norm_maps_to_our_parametrization():
 
 # -- CutLER: pipeline.dino_ckpt may be an official DINO file ---------------------------------------------------
 def test_maskcut_takes_an_official_dino_checkpoint(tmp_path):
-    from sslab.cutler.pseudo_masks import load_backbone
-    from sslab.cutler.stages import dino_checkpoint
+    from sslab.cutler.maskcut import maskcut, patch_keys
     from sslab.init_from import load_eval_backbone_state
-    from sslab.modules.maskcut import maskcut, patch_keys
+    from sslab.runs.cutler import dino_checkpoint
+    from sslab.runs.reopen import reopen
 
     ckpt = dino_full_checkpoint()
     path = save(ckpt, tmp_path / "dino_deitsmall16_pretrain_full_checkpoint.pth")
@@ -445,7 +445,9 @@ def test_maskcut_takes_an_official_dino_checkpoint(tmp_path):
     teacher = {
         k.removeprefix("backbone."): v for k, v in ckpt["teacher"].items() if k.startswith("backbone.")
     }
-    backbone, run_cfg = load_backbone(converted)  # what maskcut_stage -> export_pseudo_masks reads
+    backbone, run_cfg, _, _ = reopen(
+        converted, encoder_only=True
+    )  # what maskcut_stage -> export_pseudo_masks reads
     assert_loaded(backbone, teacher)
     assert run_cfg.backbone.weights is None and OmegaConf.select(run_cfg, "backbone.embed_dim") == D
     backbone_cfg, _ = load_eval_backbone_state(converted)  # what the detector's round 0 reads

@@ -55,7 +55,7 @@ def test_sign_is_fixed_and_grids_are_bounded():
 
 @pytest.mark.slow
 def test_dino_run_writes_attention_pca_and_neighbour_pngs(tmp_path):
-    from sslab.training import train
+    from sslab.runs.training import train
     from tests.conftest import make_cfg
 
     cfg = make_cfg(tmp_path, "trainer.max_steps=2", "callbacks=[knn,attention_maps]")
@@ -85,7 +85,7 @@ def test_trainer_debug_composes_a_smoke_run():
 
 @pytest.mark.slow
 def test_trainer_debug_skips_evaluation_and_says_so(tmp_path, caplog):
-    from sslab.training import train
+    from sslab.runs.training import train
     from tests.conftest import make_cfg
 
     cfg = make_cfg(tmp_path, "trainer=debug", "trainer.max_steps=2")

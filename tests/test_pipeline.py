@@ -18,7 +18,7 @@ from omegaconf import OmegaConf, open_dict
 from sslab.build import build_datamodule, build_method
 from sslab.errors import SSLabError
 from sslab.init_from import load_eval_backbone_state
-from sslab.pipeline import resolve_inputs, run_pipeline
+from sslab.runs.pipeline import resolve_inputs, run_pipeline
 from tests.conftest import CONF, ROOT, make_cfg
 
 # Overrides every stage accepts, whatever its method (TINY's DINO head sizes would not fit MAE).
@@ -146,7 +146,7 @@ def test_killed_pipeline_resumes_at_its_stage_and_step(tmp_path):
 @pytest.mark.slow
 def test_last_checkpoint_holds_the_final_step(tmp_path):
     # a periodic checkpoint at step 4 must not leave last.ckpt behind the run's final step 6
-    from sslab.training import train
+    from sslab.runs.training import train
 
     cfg = make_cfg(tmp_path, "trainer.max_steps=6", "checkpoint.every_n_steps=4", "callbacks=[]")
     metrics = train(cfg)

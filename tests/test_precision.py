@@ -11,7 +11,7 @@ import torch
 from sslab.build import build_datamodule, build_method
 from sslab.errors import SSLabError
 from sslab.precision import check_precision, compile_model, compile_unavailable_reason
-from sslab.training import train
+from sslab.runs.training import train
 
 
 def test_precision_checks_on_this_cpu():

@@ -40,7 +40,7 @@ NOT_RUN = {  # substring -> why the command is composed but not run here
     "experiment=": "the paper's full recipe (8 GPUs, ImageNet)",
     "pipeline=": "multi-stage recipes of many minutes (tests/test_pipeline.py runs them tiny)",
     "_pretrain.pth": "an official weights file that is not downloaded (tests/test_official_weights.py)",
-    "sslab.cutler": "MaskCut over a trained DINO (tests/test_maskcut.py)",
+    "sslab.runs.maskcut": "MaskCut over a trained DINO (tests/test_maskcut.py)",
     "stamps_build": "builds the stamps dataset (tests/test_stamps.py)",
     "format=timm": "the export entry point runs here with format=onnx; tests/test_export.py loads every format",
     "format=torchvision": "ResNet exports: tests/test_export.py",

@@ -5,7 +5,7 @@ import csv
 import pytest
 import torch
 
-from sslab.training import train
+from sslab.runs.training import train
 
 pytestmark = pytest.mark.slow
 

@@ -214,7 +214,7 @@ class SignalAt(pl.Callback):
 @pytest.mark.parametrize("signum", ["SIGUSR1", "SIGTERM"])
 def test_signal_outside_slurm_checkpoints_at_the_step_and_stops(tiny_cfg, tmp_path, signum):
     from sslab.callbacks.preemption import Preempted
-    from sslab.training import train
+    from sslab.runs.training import train
 
     cfg = tiny_cfg(
         "trainer.max_steps=50",

@@ -134,7 +134,7 @@ def test_ranks_get_disjoint_chunk_shares_and_resume_exactly():
 @pytest.mark.slow
 def test_streaming_run_resumes_exactly(shards, tmp_path):
     """tests/test_resume.py's check on streaming shards: 8 steps == 4 steps + resume to 8, bit for bit."""
-    from sslab.training import train
+    from sslab.runs.training import train
     from tests.test_resume import losses
 
     common = [

@@ -19,7 +19,7 @@ from sslab.modules.temporal_order import (
     sample_orders,
     temporal_order_loss,
 )
-from sslab.training import train
+from sslab.runs.training import train
 from tests.conftest import CONF
 
 # -- the order task --------------------------------------------------------------------------------------
@@ -195,7 +195,7 @@ def test_training_on_atari_lowers_the_loss(tmp_path, method):
 
 @pytest.mark.slow
 def test_atari_probe_compares_checkpoints_and_random_init(tmp_path, capsys):
-    from sslab.evaluate import evaluate
+    from sslab.runs.evaluate import evaluate
 
     ckpts = []
     for method in ("tov_vicreg", "vicreg"):

@@ -130,7 +130,7 @@ def test_eval_path_gives_the_labelled_splits(tmp_path):
 
 @pytest.mark.slow
 def test_flat_folder_trains_and_evaluation_says_it_is_off(tmp_path, caplog):
-    from sslab.training import train
+    from sslab.runs.training import train
 
     cfg = tiny_imagefolder_cfg(tmp_path, f"data.path={flat_folder(tmp_path / 'flat')}")
     with caplog.at_level(logging.WARNING):
@@ -143,7 +143,7 @@ def test_flat_folder_trains_and_evaluation_says_it_is_off(tmp_path, caplog):
 
 @pytest.mark.slow
 def test_eval_path_gives_knn_and_probe_numbers(tmp_path):
-    from sslab.training import train
+    from sslab.runs.training import train
 
     cfg = tiny_imagefolder_cfg(
         tmp_path,

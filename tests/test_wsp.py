@@ -16,8 +16,8 @@ from PIL import Image
 from sslab.build import build_datamodule, build_method
 from sslab.data.text import EOS_ID, PAD_ID, PROMPT_TEMPLATES, decode, templated_caption, tokenize
 from sslab.errors import SSLabError
-from sslab.evaluation.zero_shot import has_text_tower, prompt_ensemble, zero_shot_predict
-from sslab.modules.clip_loss import LogitScale, symmetric_info_nce
+from sslab.evaluation.zero_shot import has_text_tower, zero_shot_predict
+from sslab.modules.clip_loss import LogitScale, prompt_ensemble, symmetric_info_nce
 from sslab.modules.text_tower import TextTower, eos_positions
 from tests.conftest import CONF, TINY
 from tests.gloo import run_two_ranks
@@ -279,8 +279,8 @@ def test_clip_loss_over_two_ranks_equals_one_process_on_the_global_batch(tmp_pat
 # -- a short real run ------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_wsp_zero_shot_beats_chance_after_a_short_run(tmp_path):
-    from sslab.evaluate import evaluate
-    from sslab.training import train
+    from sslab.runs.evaluate import evaluate
+    from sslab.runs.training import train
 
     cfg = wsp_cfg(
         tmp_path,

@@ -28,15 +28,13 @@ def build(
     in_chans: int = 3,
     flexi: bool = False,
     flexi_patch_sizes: Sequence[int] | None = None,
-    weights: str | None = None,
     channels_last: bool | None = None,
     **vit_overrides,
 ) -> Backbone:
     """Build an encoder by its short name; ``vit_overrides`` (depth, num_heads, ...) go to timm ViTs.
     ``flexi`` makes a FlexiViT that trains with a patch size drawn per step from ``flexi_patch_sizes``.
-    ``weights``: a file loaded into the new encoder (``backbone.weights=FILE``): a train.py checkpoint's
-    evaluation encoder or an official DINO / DINOv2 / MAE / timm checkpoint (``sslab.init_from``).
-    ``channels_last`` (CNNs only; default true): NHWC weights and inputs."""
+    Freshly initialised: ``backbone.weights=FILE`` is loaded from above (``sslab.init_from.build_with_weights``),
+    so this floor never reads checkpoints. ``channels_last`` (CNNs only; default true): NHWC weights and inputs."""
     if name in VIT:
         if channels_last:
             raise SSLabError(f"backbone.channels_last is for CNN backbones; {name} is a ViT, remove it")
@@ -70,10 +68,6 @@ def build(
     else:
         raise SSLabError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     model.name = name
-    if weights:
-        from sslab.init_from import init_backbone  # reads checkpoints: above this floor, so imported late
-
-        init_backbone(model, weights, option="backbone.weights")
     return model
 
 

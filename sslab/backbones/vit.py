@@ -11,7 +11,7 @@ from torch import nn
 
 from sslab.backbones.base import Backbone
 from sslab.backbones.flexi import fit_to_patch_grid, pi_resize_kernel, resize_pos_embed
-from sslab.modules.patches import sincos_2d
+from sslab.backbones.pos_embed import sincos_2d
 
 
 class ViTBackbone(Backbone):

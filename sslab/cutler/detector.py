@@ -25,8 +25,8 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from sslab.backbones.base import Backbone
 from sslab.backbones.vit import ViTBackbone
+from sslab.cutler.droploss import drop_keep, droploss_classification, max_iou_to_gt
 from sslab.errors import SSLabError
-from sslab.modules.droploss import drop_keep, droploss_classification, max_iou_to_gt
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -91,7 +91,7 @@ def droploss_keep(
 
 
 class DropLossRoIHeads(RoIHeads):
-    """torchvision's RoIHeads whose training classification loss is DropLoss (``sslab.modules.droploss``).
+    """torchvision's RoIHeads whose training classification loss is DropLoss (``sslab.cutler.droploss``).
 
     As in the reference, a region's IoU is that of the box the head predicts for it (proposal + regression,
     detached), with ``drop_on_proposals=True`` the raw proposal's, and it is compared only with the

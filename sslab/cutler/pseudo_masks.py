@@ -1,10 +1,8 @@
-"""MaskCut pseudo-masks over a dataset split, written as COCO instances JSON (CutLER's first stage).
-
-``python -m sslab.cutler.pseudo_masks ckpt=RUN/checkpoints/last.ckpt out=maskcut.json [split=train n_masks=3
-tau=0.15 batch_size=64 device=auto random_init=false data.root=...]``
+"""MaskCut pseudo-masks over a dataset split, written as COCO instances JSON (CutLER's first stage; run from a
+checkpoint by ``sslab.runs.cutler``: the pipeline's ``maskcut`` stage and ``eval.py eval=discovery``).
 
 Images are read from the split's COCO JSON (``datamodule.coco_json(split)``, file names relative to
-``datamodule.root``), resized to the data's image size, normalised, and cut by ``sslab.modules.maskcut`` on
+``datamodule.root``), resized to the data's image size, normalised, and cut by ``sslab.cutler.maskcut`` on
 the checkpoint's evaluation encoder (the teacher for DINO). Masks are upsampled from the patch grid to each
 image's own size with nearest interpolation (no CRF), stored as RLE with their tight box.
 
@@ -17,22 +15,20 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 from pycocotools import mask as mask_util
 from torch import nn
 
 from sslab.augment.multicrop import normalize, to_float
 from sslab.cutler.detector_data import load_image
+from sslab.cutler.maskcut import maskcut, patch_keys, upsample_masks
 from sslab.devices import resolve_device
 from sslab.errors import SSLabError
-from sslab.modules.maskcut import maskcut, patch_keys, upsample_masks
 from sslab.progress_lines import track
 
 CATEGORIES = [{"id": 1, "name": "object"}]
@@ -118,24 +114,6 @@ def write_coco(
     return path
 
 
-# -- from a checkpoint ----------------------------------------------------------------------------------
-def load_backbone(ckpt_path: str | Path, random_init: bool = False) -> tuple[nn.Module, DictConfig]:
-    """The checkpoint's evaluation encoder (or, ``random_init``, the same architecture freshly initialised
-    from the run's seed) and the run's config."""
-    from sslab.build import build_backbone
-    from sslab.evaluate import load_checkpoint
-    from sslab.init_from import init_backbone
-
-    ckpt = load_checkpoint(ckpt_path)
-    run_cfg = OmegaConf.create(ckpt["sslab_config"])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(run_cfg.get("seed", 0)))
-        backbone = build_backbone(run_cfg, pretrained=False)  # random init, or the checkpoint next
-    if not random_init:
-        init_backbone(backbone, ckpt_path, ckpt)  # the checkpoint already read above
-    return backbone.eval(), run_cfg
-
-
 def coco_source(dm: Any, split: str) -> tuple[Path, Path]:
     """(split JSON, image root) of a data module with COCO annotations (``data=stamps``)."""
     if not callable(getattr(dm, "coco_json", None)) or not hasattr(dm, "root"):
@@ -147,76 +125,3 @@ def coco_source(dm: Any, split: str) -> tuple[Path, Path]:
     if not path.is_file():
         raise SSLabError(f"{path} is missing; build the dataset first (python -m sslab.data.stamps_build)")
     return path, Path(dm.root)
-
-
-def datamodule_for(run_cfg: DictConfig, data_overrides: dict | None = None) -> Any:
-    from sslab.build import build_datamodule
-
-    cfg = run_cfg.copy()
-    cfg.data = OmegaConf.merge(cfg.data, data_overrides or {})
-    dm = build_datamodule(cfg)
-    dm.prepare_data()
-    return dm
-
-
-def export_pseudo_masks(
-    ckpt_path: str | Path,
-    split: str = "train",
-    out_json: str | Path | None = None,
-    n_masks: int = 3,
-    tau: float = 0.15,
-    batch_size: int = 64,
-    device: str = "auto",
-    random_init: bool = False,
-    data_overrides: dict | None = None,
-    datamodule: Any = None,
-) -> Path:
-    """Run MaskCut over ``split`` with the checkpoint's evaluation encoder; write COCO JSON to ``out_json``
-    (default: ``maskcut_{split}.json`` beside the checkpoint) and return its path."""
-    backbone, run_cfg = load_backbone(ckpt_path, random_init)
-    dm = datamodule if datamodule is not None else datamodule_for(run_cfg, data_overrides)
-    gt_path, root = coco_source(dm, split)
-    images = json.loads(gt_path.read_text())["images"]
-    annotations = maskcut_annotations(
-        backbone, images, root, dm.image_size, list(dm.mean), list(dm.std), n_masks, tau, batch_size, device
-    )
-    out = Path(out_json) if out_json is not None else Path(ckpt_path).parent / f"maskcut_{split}.json"
-    info = {
-        "description": "MaskCut pseudo-masks (sslab)",
-        "ckpt": str(ckpt_path),
-        "split": split,
-        "source": str(gt_path),
-        "n_masks": n_masks,
-        "tau": tau,
-        "random_init": random_init,
-    }
-    return write_coco(out, images, annotations, info)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``key=value`` arguments: ckpt (required), out, split, n_masks, tau, batch_size, device, random_init,
-    and ``data.<field>=...`` overrides of the checkpoint's data config."""
-    args = OmegaConf.from_dotlist(sys.argv[1:] if argv is None else argv)
-    try:
-        if "ckpt" not in args:
-            raise SSLabError("pass ckpt=PATH (a DINO-family checkpoint written by train.py) [out=FILE.json]")
-        out = export_pseudo_masks(
-            args.ckpt,
-            split=str(args.get("split", "train")),
-            out_json=args.get("out"),
-            n_masks=int(args.get("n_masks", 3)),
-            tau=float(args.get("tau", 0.15)),
-            batch_size=int(args.get("batch_size", 64)),
-            device=str(args.get("device", "auto")),
-            random_init=bool(args.get("random_init", False)),
-            data_overrides=OmegaConf.to_container(args.data) if "data" in args else None,
-        )
-    except SSLabError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    n = len(json.loads(out.read_text())["annotations"])
-    print(f"wrote {n} pseudo-masks to {out}")
-
-
-if __name__ == "__main__":
-    main()

@@ -169,7 +169,7 @@ def convert(
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        from sslab.export import parse_overrides
+        from sslab.cli import parse_overrides
 
         cfg = parse_overrides("data.convert", DEFAULTS, sys.argv[1:] if argv is None else argv)
         convert(**{k: cfg[k] for k in DEFAULTS})

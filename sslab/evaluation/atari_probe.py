@@ -27,10 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslab.data.atari_games import ram_labels
-from sslab.devices import resolve_device
 from sslab.errors import SSLabError
 from sslab.evaluation.linear import Standardize
-from sslab.progress_lines import Phase, say
 
 if TYPE_CHECKING:
     from sslab.methods.base import SSLMethod
@@ -174,77 +172,3 @@ def summarize(per_variable: Mapping[str, Mapping[str, float]]) -> dict[str, floa
     """Per-game mean F1 over its variables, and their mean over games (AtariARI's per-game average)."""
     per_game = {g: float(np.mean(list(v.values()))) if v else float("nan") for g, v in per_variable.items()}
     return {**per_game, "mean": float(np.nanmean(list(per_game.values())))}
-
-
-def evaluate_checkpoints(cfg) -> dict[str, Any]:
-    """``python eval.py eval=atari_probe ckpt=A compare=[B, ...]``: probe every checkpoint (and, with
-    ``atari_probe.random_init``, the first one's architecture at random init) on the first checkpoint's Atari
-    probe episodes; print the per-game / averaged F1 table and return all numbers."""
-    from omegaconf import OmegaConf
-
-    from sslab.build import build_datamodule, build_method
-    from sslab.data.atari import AtariDataModule
-    from sslab.evaluate import load_checkpoint, merge_data_overrides
-    from sslab.report import print_json_line, print_table
-
-    paths = [cfg.ckpt, *(cfg.get("compare") or [])]
-    ckpts = [load_checkpoint(p) for p in paths]
-    base_cfg = OmegaConf.create(ckpts[0]["sslab_config"])
-    base_cfg.data = merge_data_overrides(base_cfg.data, cfg.get("data"))
-    dm = build_datamodule(base_cfg)
-    if not isinstance(dm, AtariDataModule):
-        raise SSLabError(f"eval=atari_probe needs a checkpoint trained with data=atari, not data={dm.name}")
-    device = resolve_device(cfg.device)
-    opts = OmegaConf.to_container(cfg.atari_probe, resolve=True)
-    random_init = bool(opts.pop("random_init", True))
-    pool = str(opts.pop("pool", "cls"))
-    with Phase(f"Atari probe episodes ({', '.join(dm.games)})", len(dm.games), "games") as phase:
-        splits = {}
-        for g in dm.games:
-            splits[g] = dm.probe_split(g)
-            phase.advance()
-
-    encoders = []
-    for path, ckpt in zip(paths, ckpts, strict=True):
-        run_cfg = OmegaConf.create(ckpt["sslab_config"])
-        run_cfg.data = base_cfg.data  # every encoder is probed on the same episodes
-        model = build_method(run_cfg, dm, pretrained=False)  # its weights come from the checkpoint
-        model.load_state_dict(ckpt["state_dict"])
-        name = f"{run_cfg.method.name} @ step {ckpt.get('global_step')}"
-        if any(n == name for n, _ in encoders):
-            name = f"{name} ({path})"
-        encoders.append((name, model))
-    if random_init:
-        torch.manual_seed(int(base_cfg.seed))
-        encoders.append(
-            (f"random init ({base_cfg.backbone.name})", build_method(base_cfg, dm, pretrained=False))
-        )
-
-    seed = int(base_cfg.seed)
-    per_variable: dict[str, dict[str, dict[str, float]]] = {}
-    epochs = opts.get("epochs", 100)
-    say(f"Atari probe: {len(encoders)} encoders x {len(dm.games)} games, {epochs} probe epochs each")
-    with Phase("Atari probe", len(encoders) * len(dm.games), "probes") as phase:
-        for name, model in encoders:
-            model.to(device)
-            per_variable[name] = {}
-            for g in dm.games:
-                per_variable[name][g] = probe_game(pooled_embed(model, pool), g, splits[g], seed=seed, **opts)
-                phase.advance()
-                phase.note(f"{name}, {g}: mean F1 {summarize({g: per_variable[name][g]})[g]:.3f}")
-            model.cpu()
-    table = {name: summarize(v) for name, v in per_variable.items()}
-    sizes = ", ".join(f"{g} {len(s['train_obs'])}/{len(s['test_obs'])}" for g, s in splits.items())
-    print_table(
-        f"AtariARI probe ({pool} features), mean F1 over state variables (train/test obs: {sizes})",
-        table,
-        [*dm.games, "mean"],
-    )
-    metrics = {
-        "ckpts": [str(p) for p in paths],
-        "pool": pool,
-        "atari_probe": table,
-        "atari_probe_per_variable": per_variable,
-    }
-    print_json_line(metrics)
-    return metrics

@@ -1,5 +1,5 @@
 """Unsupervised object discovery against ground-truth masks: class-agnostic box / mask AP50 and AR@100
-(pycocotools ``COCOeval``) and CorLoc, and ``eval.py eval=discovery`` for DINO-family checkpoints.
+(pycocotools ``COCOeval``) and CorLoc (``eval.py eval=discovery`` runs them: ``sslab.runs.cutler``).
 
 Class-agnostic: every ground-truth and predicted category becomes 1 ("object"), as CutLER evaluates.
 AP50 is COCOeval's stats[1] (AP at IoU 0.5, all areas, 100 detections), AR100 its stats[8] (AR averaged over
@@ -115,46 +115,3 @@ def discovery_metrics(gt_json: str | Path, predictions: list[dict] | str | Path)
         "mask_ar100": mask_ar100,
         "corloc": corloc(gt, preds),
     }
-
-
-# -- eval.py eval=discovery -----------------------------------------------------------------------------
-def evaluate_discovery(cfg: Any) -> dict[str, Any]:
-    """MaskCut on the test split with the checkpoint's evaluation encoder, and (``discovery.random_init``)
-    with the same architecture at random init, scored against the ground-truth masks in one table."""
-    from sslab.cutler.pseudo_masks import coco_source, datamodule_for, load_backbone, maskcut_annotations
-    from sslab.report import print_json_line, print_table
-
-    opts = cfg.discovery
-    backbone, run_cfg = load_backbone(cfg.ckpt)
-    dm = datamodule_for(run_cfg, cfg.get("data"))
-    gt_path, root = coco_source(dm, "test")
-    images = json.loads(gt_path.read_text())["images"]
-    arch = run_cfg.backbone.name
-    encoders = [("maskcut", f"MaskCut, {run_cfg.method.name} {arch}", backbone)]
-    if opts.random_init:
-        encoders.append(("maskcut_random", f"MaskCut, random-init {arch}", load_backbone(cfg.ckpt, True)[0]))
-    metrics: dict[str, Any] = {"ckpt": str(cfg.ckpt), "split": "test", "images": len(images)}
-    rows: dict[str, dict[str, float | None]] = {}
-    for tag, name, encoder in encoders:
-        anns = maskcut_annotations(
-            encoder,
-            images,
-            root,
-            dm.image_size,
-            list(dm.mean),
-            list(dm.std),
-            n_masks=int(opts.n_masks),
-            tau=float(opts.tau),
-            batch_size=int(opts.batch_size),
-            device=cfg.device,
-        )
-        found = discovery_metrics(gt_path, anns)
-        metrics.update({f"eval/discovery_{tag}_{k}": 100.0 * v for k, v in found.items()})
-        rows[name] = {COLUMNS[k]: 100.0 * v for k, v in found.items()}
-    print_table(
-        f"{dm.name} test: {len(images)} images, object discovery (class-agnostic, %)",
-        rows,
-        list(COLUMNS.values()),
-    )
-    print_json_line(metrics)
-    return metrics

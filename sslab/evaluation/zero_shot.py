@@ -2,7 +2,7 @@
 
 Each class name fills every prompt template; the normalised text embeddings of one class are averaged and
 normalised again (prompt ensembling in embedding space), and an image gets the class whose embedding has
-the largest cosine with its normalised image embedding. No labels are used beyond the class names.
+the largest cosine with its normalised image embedding (the ensembling: ``sslab.modules.clip_loss``). No labels are used beyond the class names.
 """
 
 from __future__ import annotations
@@ -20,11 +20,6 @@ def has_text_tower(model: object) -> bool:
     return callable(getattr(model, "encode_image_uint8", None)) and callable(
         getattr(model, "class_embeddings", None)
     )
-
-
-def prompt_ensemble(text_features: torch.Tensor) -> torch.Tensor:
-    """(C, T, E) text embeddings of C classes x T templates -> (C, E): normalise, mean over T, normalise."""
-    return F.normalize(F.normalize(text_features, dim=-1).mean(dim=1), dim=-1)
 
 
 def zero_shot_predict(image_features: torch.Tensor, class_features: torch.Tensor) -> torch.Tensor:

@@ -279,7 +279,9 @@ class SSLMethod(pl.LightningModule):
         if not self.schedules or mode == "reset":  # a new run, or resume_schedules=reset: this config's
             self.schedules = configured  # indexed by the global step, so they continue from the checkpoint's
         elif mode == "extend":  # the checkpoint's cosines, stretched from the resume step to this run's end
-            step = int(getattr(self, "resume_step", None) or 0)  # set by sslab.training from the checkpoint
+            step = int(
+                getattr(self, "resume_step", None) or 0
+            )  # set by sslab.runs.training from the checkpoint
             self.schedules = {k: extend_cosine(s, step, total) for k, s in self.schedules.items()}
             log.info(
                 "resume_schedules=extend: cosine schedules continue from step %d to step %d", step, total

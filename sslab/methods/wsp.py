@@ -15,7 +15,7 @@ from sslab.augment.mae_views import MAEViews
 from sslab.augment.multicrop import eval_view
 from sslab.data.text import PROMPT_TEMPLATES, tokenize
 from sslab.errors import SSLabError
-from sslab.modules.clip_loss import LogitScale, clip_loss
+from sslab.modules.clip_loss import LogitScale, clip_loss, prompt_ensemble
 from sslab.modules.text_tower import TextTower
 
 from .base import SSLMethod
@@ -98,9 +98,7 @@ class WSP(SSLMethod):
         self, class_names: Sequence[str], templates: Sequence[str] = PROMPT_TEMPLATES
     ) -> torch.Tensor:
         """(C, embed_dim) zero-shot classifier: every class name in every template through the text tower,
-        in eval mode (``sslab.evaluation.zero_shot.prompt_ensemble`` averages them)."""
-        from sslab.evaluation.zero_shot import prompt_ensemble
-
+        in eval mode (``sslab.modules.clip_loss.prompt_ensemble`` averages them)."""
         was_training = self.training
         self.eval()
         try:

@@ -76,3 +76,9 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> t
         return symmetric_info_nce(image, text, scale)
     offset = dist.get_rank() * image.shape[0]
     return symmetric_info_nce(image, text, scale, gather_with_grad(image), gather_with_grad(text), offset)
+
+
+def prompt_ensemble(text_features: torch.Tensor) -> torch.Tensor:
+    """(C, T, E) text embeddings of C classes x T templates -> (C, E): normalise, mean over T, normalise
+    (CLIP's prompt ensembling in embedding space, Sec. 3.1.4; the zero-shot classifier of an image-text model)."""
+    return F.normalize(F.normalize(text_features, dim=-1).mean(dim=1), dim=-1)

@@ -14,9 +14,9 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import Attention
 from torch import nn
 
+from sslab.backbones.pos_embed import sincos_2d
 from sslab.modules.diffusion import timestep_embedding
 from sslab.modules.mae_decoder import _init_weights
-from sslab.modules.patches import sincos_2d
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 

@@ -10,7 +10,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from sslab.modules.patches import sincos_2d
+from sslab.backbones.pos_embed import sincos_2d
 
 
 class MAEDecoder(nn.Module):

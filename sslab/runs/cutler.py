@@ -3,7 +3,8 @@ Segmentation", CVPR 2023): MaskCut pseudo-masks, detector rounds, and self-train
 
 Each stage reads the pipeline's data (``data=stamps``: images, train/test COCO JSON), writes into its own
 directory and reports object discovery on the test split (``discovery/*``, %), so one table compares MaskCut
-on random-init features, MaskCut on DINO features, and detector rounds 0, 1, 2.
+on random-init features, MaskCut on DINO features, and detector rounds 0, 1, 2. ``sslab.runs.pipeline``
+lists them in its table of stage kinds.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from hydra import compose
 
 from sslab.build import build_datamodule
 from sslab.callbacks.preemption import Preemption
-from sslab.cutler.pseudo_masks import coco_source, export_pseudo_masks
+from sslab.cutler.pseudo_masks import coco_source
 from sslab.cutler.self_training import self_training_json
 from sslab.cutler.train_detector import predict, train_detector
 from sslab.evaluation.discovery import discovery_metrics
 from sslab.init_from import as_train_checkpoint, is_train_checkpoint
-from sslab.pipeline import register_stage_kind
+from sslab.runs.maskcut import export_pseudo_masks
 
 
 def pipeline_data(overrides: list[str]):
@@ -117,8 +118,3 @@ def self_train_stage(
         prev_json, predictions, float(params["threshold"]), stage_dir / "pseudo_masks.json"
     )
     return {"json": str(out)}
-
-
-register_stage_kind("maskcut", maskcut_stage)
-register_stage_kind("detector", detector_stage)
-register_stage_kind("self_train", self_train_stage)

@@ -12,9 +12,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sslab.backbones.flexi import flexible_backbones, set_eval_patch_size
-from sslab.build import build_datamodule, build_method
-from sslab.checkpoint_io import read_checkpoint
-from sslab.cli import fit_workers
 from sslab.devices import resolve_device
 from sslab.errors import SSLabError
 from sslab.evaluation.features import extract
@@ -24,13 +21,10 @@ from sslab.evaluation.linear import linear_probe_accuracy
 from sslab.evaluation.zero_shot import chance_level, has_text_tower, zero_shot_accuracy
 from sslab.progress_lines import Phase, say, track
 from sslab.report import print_json_line, print_table
+from sslab.runs.reopen import reopen
 
 EVALS = ("knn", "linear", "finetune", "zero_shot")
 ALL = ("knn", "linear")  # eval=all (+ zero_shot for image-text methods); fine-tuning runs when named
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    return read_checkpoint(path, "ckpt")
 
 
 def write_metrics(metrics: dict[str, Any], folder: str | Path | None = None) -> Path | None:
@@ -58,20 +52,6 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def merge_data_overrides(run_data: Any, overrides: Any) -> Any:
-    """The checkpoint's data config with ``data.<field>=...`` from the command line (no ``+`` needed, so a
-    mistyped field is refused here, naming the fields there are)."""
-    # fields added to imagefolder after a checkpoint was written are accepted for it too
-    later = {"eval_path", "labels"} if run_data.get("name") == "imagefolder" else set()
-    unknown = sorted(set(overrides or {}) - set(run_data) - later)
-    if unknown:
-        raise SSLabError(
-            f"data.{unknown[0]} is not a field of the checkpoint's data config ({run_data.get('name')}); "
-            f"choose from {', '.join(sorted(k for k in run_data if not str(k).startswith('_')))}"
-        )
-    return OmegaConf.merge(run_data, overrides or {})
-
-
 def selected_evals(choice: str | list[str]) -> list[str]:
     names = list(ALL) if choice == "all" else ([choice] if isinstance(choice, str) else list(choice))
     unknown = [n for n in names if n not in EVALS]
@@ -84,25 +64,19 @@ def selected_evals(choice: str | list[str]) -> list[str]:
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.eval == "atari_probe":  # RAM-state probes of one or more checkpoints (+ random init), one table
-        from sslab.evaluation.atari_probe import evaluate_checkpoints
+        from sslab.runs.atari_probe import evaluate_checkpoints
 
         return evaluate_checkpoints(cfg)
     if cfg.eval == "discovery":  # MaskCut vs ground-truth masks (+ random-init features), one table
-        from sslab.evaluation.discovery import evaluate_discovery
+        from sslab.runs.maskcut import evaluate_discovery
 
         return evaluate_discovery(cfg)
     if cfg.get("compare"):
         raise SSLabError("compare=[...] works with eval=atari_probe; evaluate other checkpoints one by one")
     evals = selected_evals(cfg.eval)
-    ckpt = load_checkpoint(cfg.ckpt)
-    run_cfg = OmegaConf.create(ckpt["sslab_config"])
-    run_cfg.data = merge_data_overrides(run_cfg.data, cfg.get("data"))
-    fit_workers(run_cfg)
+    model, run_cfg, ckpt, dm = reopen(cfg.ckpt, cfg.get("data"))
     device = resolve_device(cfg.device)
     say(f"evaluating {cfg.ckpt} (step {ckpt.get('global_step')}): {', '.join(evals)}")
-    dm = build_datamodule(run_cfg)
-    model = build_method(run_cfg, dm, pretrained=False)  # its weights come from the checkpoint
-    model.load_state_dict(ckpt["state_dict"])
     model.to(device)
     if cfg.eval == "all" and has_text_tower(model):
         evals.append("zero_shot")

@@ -22,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sslab.errors import SSLabError
+from sslab.runs.cutler import detector_stage, maskcut_stage, self_train_stage
 
 log = logging.getLogger(__name__)
 STAGE_FILE = "stage.json"
@@ -38,7 +39,7 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
 def train_stage(stage_dir: Path, overrides: list[str], params: dict[str, Any], **inputs: str) -> dict:
     """One ``train.py`` run composed from the pipeline's overrides plus the stage's own; ``init_from``
     (an earlier stage's checkpoint) initialises its backbone. Resumes from its own last.ckpt if present."""
-    from sslab.training import train
+    from sslab.runs.training import train
 
     if params.get("ckpt"):  # a given checkpoint stands in for this stage (e.g. pipeline.dino_ckpt=PATH)
         if not Path(params["ckpt"]).is_file():
@@ -65,16 +66,13 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
 
 
-STAGE_KINDS: dict[str, Callable[..., dict]] = {"train": train_stage}
-
-
-def register_stage_kind(name: str, fn: Callable[..., dict]) -> None:
-    STAGE_KINDS[name] = fn
-
-
-def _load_optional_kinds() -> None:
-    """CutLER's stage kinds live with their code; importing registers them."""
-    import sslab.cutler.stages  # noqa: F401
+# every stage kind a pipeline config may name (the CutLER ones: sslab.runs.cutler)
+STAGE_KINDS: dict[str, Callable[..., dict]] = {
+    "train": train_stage,
+    "maskcut": maskcut_stage,
+    "detector": detector_stage,
+    "self_train": self_train_stage,
+}
 
 
 # -- the runner ----------------------------------------------------------------------------------------
@@ -169,8 +167,6 @@ def run_pipeline(cfg: DictConfig, pipeline_dir: Path) -> dict[str, dict]:
     names = [s["name"] for s in stages]
     if len(set(names)) != len(names):
         raise SSLabError(f"pipeline={spec.name}: stage names must be unique, got {names}")
-    if any(s["kind"] not in STAGE_KINDS for s in stages):
-        _load_optional_kinds()
     unknown = [s["kind"] for s in stages if s["kind"] not in STAGE_KINDS]
     if unknown:
         raise SSLabError(
@@ -207,7 +203,7 @@ def run_pipeline(cfg: DictConfig, pipeline_dir: Path) -> dict[str, dict]:
 def pipeline_main(cfg: DictConfig) -> dict[str, dict]:
     """``python train.py pipeline=NAME [resume=DIR|auto]``: run (or continue) a pipeline, print its stages."""
     from sslab.report import print_table
-    from sslab.training import run_dir_of
+    from sslab.runs.training import run_dir_of
 
     name = cfg.pipeline.name
     if cfg.get("resume"):
