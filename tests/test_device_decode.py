@@ -257,7 +257,7 @@ def test_nvjpeg_batch_matches_the_cpu_path(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_CUDA, reason="nvjpeg needs a CUDA GPU")
 def test_train_py_with_gpu_decode(tmp_path):
-    from sslab.training import train
+    from sslab.runs.training import train
 
     cfg = tiny_imagefolder_cfg(
         tmp_path, f"data.path={flat_folder(tmp_path / 'flat')}", "data.decode=gpu", "data.num_workers=1"
