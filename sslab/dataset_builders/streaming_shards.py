@@ -1,4 +1,5 @@
-"""Write litdata shards for ``data=streaming``: ``python -m sslab.dataset_builders.streaming_shards src=DIR out=SHARDS``.
+"""Write litdata shards for ``data=streaming``:
+``python -m sslab.dataset_builders.streaming_shards src=DIR out=SHARDS``.
 
 Each image is decoded exactly as ``data=imagefolder`` decodes it (``sslab.data.imagefolder.load_image``: long
 side to ``load_size``, letterboxed, uint8 with the alpha validity channel), so a run on the shards sees the
