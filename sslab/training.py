@@ -25,7 +25,7 @@ from pytorch_lightning.loggers import WandbLogger
 from sslab import cluster
 from sslab.build import build_datamodule, build_method
 from sslab.callbacks.preemption import Preempted, Preemption
-from sslab.checkpoint_io import WRITTEN, checkpoint_step
+from sslab.checkpoint_io import WRITTEN, checkpoint_step, save_final_checkpoint
 from sslab.cli import fit_workers, quiet_startup
 from sslab.errors import SSLabError, check_train_config
 from sslab.evaluation.features import extract, raw_pixels
@@ -36,7 +36,7 @@ from sslab.progress_lines import Phase, format_duration, is_rank_zero, say
 from sslab.report import print_json_line, print_table
 from sslab.resume import check_resumable, find_resume_checkpoint, vet_checkpoint
 from sslab.rundir import acquire_run_dir, release_run_dir, remove_stale_temporaries
-from sslab.training_shell import last_checkpoint, make_trainer, save_last
+from sslab.training_shell import last_checkpoint, make_trainer
 
 quiet_startup()  # also when train() is called without train.py (pipelines, tests)
 
@@ -256,7 +256,7 @@ def _train(cfg: DictConfig, run_dir: Path, limit: str = "") -> dict[str, Any]:
     elapsed = train_end - start
     if trainer.is_global_zero and clock.train_end is not None:
         say(f"end-of-run evaluation: done in {format_duration(fit_end - train_end)}")
-    save_last(trainer, run_dir)
+    save_final_checkpoint(trainer, last_checkpoint(run_dir))
     in_sync = cluster.ranks_in_sync(model)
 
     metrics: dict[str, Any] = dict(getattr(model, "eval_results", {}))

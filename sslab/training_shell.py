@@ -2,8 +2,9 @@
 
 Resuming bit for bit needs the same few pieces in every training loop, so they live here once: the random
 draws of a step seeded by (seed, step, rank), a non-finite loss stopping the run before it is applied, and a
-Trainer whose checkpoints are atomic, periodic, of finite weights only, with ``last.ckpt`` holding the final
-step. The training order that resumes mid-epoch is the data floor's (``sslab.data.sampling``).
+Trainer whose checkpoints are atomic, periodic and of finite weights only, ``last.ckpt`` among them. The
+training order that resumes mid-epoch is the data floor's (``sslab.data.sampling``); writing the final step
+into ``last.ckpt`` is ``sslab.checkpoint_io.save_final_checkpoint``.
 
 It sits below the runners and imports no method, callback or runner, so any training loop can use it.
 """
@@ -17,7 +18,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from sslab.checkpoint_io import AtomicCheckpointIO, FiniteCheckpoint, save_final_checkpoint
+from sslab.checkpoint_io import AtomicCheckpointIO, FiniteCheckpoint
 from sslab.errors import SSLabError
 from sslab.resume import LAST
 
@@ -79,10 +80,3 @@ def make_trainer(
         plugins=[AtomicCheckpointIO(), *(plugins or [])],
         default_root_dir=str(run_dir),
     )
-
-
-def save_last(trainer: pl.Trainer, run_dir: Path) -> Path:
-    """Make ``last.ckpt`` hold the final step (Lightning skips it when a periodic checkpoint came last)."""
-    last = last_checkpoint(run_dir)
-    save_final_checkpoint(trainer, last)
-    return last

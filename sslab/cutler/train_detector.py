@@ -14,7 +14,7 @@ import torch
 from pytorch_lightning.loggers import CSVLogger
 
 from sslab.callbacks.progress import progress_bar
-from sslab.checkpoint_io import read_checkpoint
+from sslab.checkpoint_io import read_checkpoint, save_final_checkpoint
 from sslab.cutler.coco_results import coco_results
 from sslab.cutler.detector import IMAGENET_MEAN, IMAGENET_STD
 from sslab.cutler.detector_data import CocoInstances, DetectionDataModule
@@ -23,7 +23,7 @@ from sslab.devices import resolve_device
 from sslab.errors import SSLabError
 from sslab.init_from import load_eval_backbone_state
 from sslab.progress_lines import Phase
-from sslab.training_shell import last_checkpoint, make_trainer, save_last
+from sslab.training_shell import last_checkpoint, make_trainer
 
 
 def _data_stats(ckpt: dict[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -129,7 +129,8 @@ def train_detector(
         enable_model_summary=False,
     )
     trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume and last.is_file() else None)
-    return save_last(trainer, out_dir)  # the final weights, when max_steps is not a checkpoint step
+    save_final_checkpoint(trainer, last)  # the final weights, when max_steps is not a checkpoint step
+    return last
 
 
 def load_detector(ckpt: str | Path, device: str = "auto") -> DetectorModule:
