@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from sslab.data.atari import AtariTriplets, Collection, split_episodes, stack_indices, triplet_centres
-from sslab.data.atari_collect import CollectSpec, Resizer, area_matrix, collect, load_or_collect, make_env
 from sslab.data.atari_games import RAM_ADDRESSES, ram_labels
+from sslab.dataset_builders.atari_frames import (
+    CollectSpec,
+    Resizer,
+    area_matrix,
+    collect,
+    load_or_collect,
+    make_env,
+)
 from sslab.errors import SSLabError
 from sslab.evaluation.atari_probe import fit_probe, predict_values, unseen_rows, value_entropy, weighted_f1
 

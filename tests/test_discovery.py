@@ -203,7 +203,7 @@ def test_eval_discovery_reports_maskcut_and_random_init_rows(tmp_path, capsys):
     """``eval.py ckpt=... eval=discovery`` on a tiny real stamps build (tuxpaint cut-outs with exact masks)."""
     from hydra import compose, initialize_config_dir
 
-    from sslab.data import stamps_build
+    from sslab.dataset_builders import stamps as stamps_build
     from sslab.runs.evaluate import evaluate
     from tests.conftest import CONF
 

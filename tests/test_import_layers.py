@@ -28,11 +28,21 @@ LAYERS: list[tuple[str, ...]] = [
     ("sslab.build",),  # a composed config -> DataModule, backbone (with its weights), method
     ("sslab.methods",),  # one LightningModule per method
     ("sslab.modules",),  # heads, losses, decoders, EMA, schedules (no Lightning)
-    ("sslab.data", "sslab.augment"),  # DataModules (uint8 batches) and the views
+    # DataModules (uint8 batches), the views, and the tools that write datasets to disk (data=stamps and
+    # data=atari call their builder on first use; the builders read through the datasets' readers)
+    ("sslab.data", "sslab.augment", "sslab.dataset_builders"),
     ("sslab.init_from", "sslab.official_weights"),  # weights into a backbone
     ("sslab.backbones",),  # encoders behind one interface
-    # run-time services that know nothing of models
-    ("sslab.rundir", "sslab.resume", "sslab.precision", "sslab.cluster", "sslab.loggers"),
+    # run-time services that know nothing of models; the training shell (Trainer, checkpoints, step seed, NaN
+    # guard) is shared by pretraining and CutLER's detector
+    (
+        "sslab.rundir",
+        "sslab.resume",
+        "sslab.precision",
+        "sslab.cluster",
+        "sslab.loggers",
+        "sslab.training_shell",
+    ),
     ("sslab.cli", "sslab.checkpoint_io", "sslab.report"),
     ("sslab.errors", "sslab.progress_lines", "sslab.devices"),  # the bottom: no sslab import
 ]

@@ -41,7 +41,7 @@ NOT_RUN = {  # substring -> why the command is composed but not run here
     "pipeline=": "multi-stage recipes of many minutes (tests/test_pipeline.py runs them tiny)",
     "_pretrain.pth": "an official weights file that is not downloaded (tests/test_official_weights.py)",
     "sslab.runs.maskcut": "MaskCut over a trained DINO (tests/test_maskcut.py)",
-    "stamps_build": "builds the stamps dataset (tests/test_stamps.py)",
+    "dataset_builders.stamps": "builds the stamps dataset (tests/test_stamps.py)",
     "format=timm": "the export entry point runs here with format=onnx; tests/test_export.py loads every format",
     "format=torchvision": "ResNet exports: tests/test_export.py",
     "data=atari": "Atari frame collection (tests/test_atari.py)",
@@ -116,7 +116,7 @@ RUN = {  # README command (exact) -> tiny overrides appended
     "python train.py": [*TINY, "trainer.max_steps=2"],
     "python train.py backbone=vit_s trainer=debug": [*TINY, "trainer.max_steps=2"],
     "python train.py data=imagefolder data.path=DIR backbone=vit_s": IMAGE_TINY,
-    "python -m sslab.data.convert src=DIR out=SHARDS image_size=224 num_workers=8": [
+    "python -m sslab.dataset_builders.streaming_shards src=DIR out=SHARDS image_size=224 num_workers=8": [
         "image_size=16",
         "num_workers=0",
     ],
@@ -170,7 +170,7 @@ def test_a_sample_of_readme_commands_runs_as_written(tmp_path):
     for command, extra in RUN.items():
         if command == first:
             continue
-        if "sslab.data.convert" in command:
+        if "sslab.dataset_builders.streaming_shards" in command:
             res = run(command, extra, {**subs, "DIR": str(tree)}, tmp_path)
         elif command.startswith("python train.py"):
             res = run(command, [*extra, f"paths.output_dir={out}"], subs, ROOT)

@@ -15,8 +15,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from sslab.data import stamps_build as sb
 from sslab.data.text import tokenize
+from sslab.dataset_builders import stamps as sb
 from sslab.errors import SSLabError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -1,4 +1,4 @@
-"""data=streaming (issue 16, item 6) on real litdata shards written to disk by ``python -m sslab.data.convert``:
+"""data=streaming (issue 16, item 6) on real litdata shards written to disk by ``python -m sslab.dataset_builders.streaming_shards``:
 the same tensors as data=imagefolder, rank sharding by chunks, exact resume (as tests/test_resume.py), and a
 real 2-process gloo DDP run."""
 
@@ -15,8 +15,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from sslab.data import ImageFolderDataModule
-from sslab.data.convert import convert
 from sslab.data.streaming import ChunkShuffleSampler, StreamingDataModule
+from sslab.dataset_builders.streaming_shards import convert
 from sslab.errors import SSLabError
 from tests.conftest import CONF, ROOT
 from tests.test_unlabelled import class_tree, flat_folder
@@ -98,7 +98,7 @@ def test_convert_command_line_and_its_refusals(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "sslab.data.convert",
+        "sslab.dataset_builders.streaming_shards",
         f"src={flat}",
         f"out={tmp_path / 'out'}",
         "image_size=16",

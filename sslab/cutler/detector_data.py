@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader, Dataset
 
-from sslab.data.sampling import EpochShuffleSampler
+from sslab.data.sampling import EpochShuffleSampler, ResumableDataModule
 from sslab.errors import SSLabError
 
 
@@ -216,7 +215,7 @@ def targets_from_masks(masks: torch.Tensor, valid: torch.Tensor) -> list[dict[st
     ]
 
 
-class DetectionDataModule(pl.LightningDataModule):
+class DetectionDataModule(ResumableDataModule):
     """The pseudo-mask training set in a resumable order (``EpochShuffleSampler``): a checkpoint records the
     epoch and batches done, and a resumed run skips exactly those."""
 
@@ -236,29 +235,14 @@ class DetectionDataModule(pl.LightningDataModule):
                 "lower the batch size"
             )
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
-        self._resume: tuple[int, int] | None = None
 
     def train_dataloader(self) -> DataLoader:
-        sampler = EpochShuffleSampler(len(self.dataset), self.batch_size, self.seed)
-        if self._resume is not None:
-            sampler.resume_at(*self._resume)
         return DataLoader(
             self.dataset,
             batch_size=self.batch_size,
-            sampler=sampler,
+            sampler=self.resuming(EpochShuffleSampler(len(self.dataset), self.batch_size, self.seed)),
             drop_last=True,
             collate_fn=collate_padded,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
-
-    def state_dict(self) -> dict[str, Any]:
-        trainer = getattr(self, "trainer", None)
-        if trainer is None:
-            return {}
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": trainer.current_epoch, "batches_done": done}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state:
-            self._resume = (state["epoch"], state["batches_done"])

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from sslab.data.atari_collect import CollectSpec, load_or_collect
 from sslab.data.atari_games import check_game
 from sslab.data.base import SSLDataModule
+from sslab.dataset_builders.atari_frames import CollectSpec, load_or_collect
 from sslab.errors import SSLabError
 
 

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from sslab.data.sampling import EpochShuffleSampler
+from sslab.data.sampling import EpochShuffleSampler, ResumableDataModule
 from sslab.errors import SSLabError
 
 
@@ -26,7 +24,7 @@ def balanced_subset(labels: np.ndarray, size: int | None, seed: int) -> np.ndarr
     return np.sort(np.concatenate(picks))
 
 
-class SSLDataModule(pl.LightningDataModule):
+class SSLDataModule(ResumableDataModule):
     """Base for every dataset: subclasses fill ``train_set``, ``bank_set`` (k-NN bank / probe training) and
     ``test_set`` in ``setup``, each yielding {"image": uint8 (C,H,W), "label": int64, "index": int64}."""
 
@@ -67,7 +65,6 @@ class SSLDataModule(pl.LightningDataModule):
         self.test_set: Dataset | None = None
         self.class_names: list[str] = []
         self._sampler: EpochShuffleSampler | None = None
-        self._resume: tuple[int, int] | None = None
         # Why k-NN / linear-probe evaluation cannot run (e.g. an unlabelled folder without data.eval_path);
         # None when the bank and test splits carry labels. Evaluation callbacks switch off with this line.
         self.eval_off_reason: str | None = None
@@ -123,9 +120,7 @@ class SSLDataModule(pl.LightningDataModule):
         # each rank takes its own share (train.py sets use_distributed_sampler=False)
         trainer = getattr(self, "trainer", None)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        self._sampler = self.make_sampler(rank, world)
-        if self._resume is not None:
-            self._sampler.resume_at(*self._resume)
+        self._sampler = self.resuming(self.make_sampler(rank, world))
         return DataLoader(
             self.train_set,
             batch_size=self.batch_size,
@@ -148,15 +143,3 @@ class SSLDataModule(pl.LightningDataModule):
             raise SSLabError(self.eval_off_reason)
         kw = dict(batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers)
         return DataLoader(self.bank_set, **kw), DataLoader(self.test_set, **kw)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Where in the epoch a checkpoint was taken, so a resumed run skips the batches already trained on."""
-        trainer = getattr(self, "trainer", None)
-        if trainer is None:
-            return {}
-        progress = trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": trainer.current_epoch, "batches_done": progress.processed}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state:
-            self._resume = (state["epoch"], state["batches_done"])

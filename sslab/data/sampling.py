@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
+import pytorch_lightning as pl
 import torch
 from torch.utils.data import Sampler
 
@@ -51,3 +53,30 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.num_samples // (self.batch_size * self.world_size) * self.batch_size
+
+
+class ResumableDataModule(pl.LightningDataModule):
+    """A DataModule whose training order resumes mid-epoch: a checkpoint records the epoch and the batches done
+    (``state_dict``), and the next sampler made through ``resuming`` skips exactly those batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._resume: tuple[int, int] | None = None
+
+    def resuming(self, sampler: EpochShuffleSampler) -> EpochShuffleSampler:
+        """``sampler``, told where a resumed run's first epoch starts."""
+        if self._resume is not None:
+            sampler.resume_at(*self._resume)
+        return sampler
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where in the epoch a checkpoint was taken, so a resumed run skips the batches already trained on."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": trainer.current_epoch, "batches_done": progress.processed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            self._resume = (state["epoch"], state["batches_done"])

@@ -1,6 +1,6 @@
 """The ``stamps`` DataModule: tuxpaint cut-outs on real backgrounds, with masks (COCO JSON) and captions.
 
-The dataset is built once by ``sslab.data.stamps_build`` into ``root/<spec dirname>`` (or read from ``root``
+The dataset is built once by ``sslab.dataset_builders.stamps`` into ``root/<spec dirname>`` (or read from ``root``
 itself when it already holds a build) and loaded into memory as uint8 arrays. Labels are the top-level
 tuxpaint category of each image's largest visible object; "text" is the image caption, tokenized.
 """
@@ -18,6 +18,7 @@ from PIL import Image
 from sslab.data.base import SSLDataModule
 from sslab.data.datasets import ArrayDataset
 from sslab.data.text import tokenize
+from sslab.dataset_builders.stamps import GNOME_DIR, STAMPS_DIR, BuildSpec, build, list_stamps
 from sslab.errors import SSLabError
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ class StampsDataModule(SSLDataModule):
 
     ``root`` is the cache base; the build lives in ``root/<image size, counts, seed, spec hash>`` so different
     builds never collide (``self.root`` is that directory). A ``root`` that already holds a ``meta.json`` is
-    used as it is (e.g. one written by ``python -m sslab.data.stamps_build --out DIR``)."""
+    used as it is (e.g. one written by ``python -m sslab.dataset_builders.stamps --out DIR``)."""
 
     provides = ("image", "label", "index", "text")
 
@@ -86,15 +87,13 @@ class StampsDataModule(SSLDataModule):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        from sslab.data import stamps_build  # not at import: `python -m sslab.data.stamps_build` runs it
-
-        self.spec = stamps_build.BuildSpec(
+        self.spec = BuildSpec(
             image_size=self.image_size, num_train=num_train, num_test=num_test, seed=build_seed, gnome=gnome
         )
         base = Path(root).expanduser()
         self.root = base if (base / "meta.json").is_file() else base / self.spec.dirname()
-        self.stamps_dir = Path(stamps_dir) if stamps_dir else stamps_build.STAMPS_DIR
-        self.gnome_dir = Path(gnome_dir) if gnome_dir else stamps_build.GNOME_DIR
+        self.stamps_dir = Path(stamps_dir) if stamps_dir else STAMPS_DIR
+        self.gnome_dir = Path(gnome_dir) if gnome_dir else GNOME_DIR
         self.context_length = context_length
         self.progress = progress
         self.class_names = self._categories()
@@ -105,8 +104,6 @@ class StampsDataModule(SSLDataModule):
         if meta.is_file():
             return list(json.loads(meta.read_text())["categories"])
         if self.stamps_dir.is_dir():
-            from sslab.data.stamps_build import list_stamps
-
             return sorted({s.category for s in list_stamps(self.stamps_dir)})
         return []
 
@@ -116,8 +113,6 @@ class StampsDataModule(SSLDataModule):
             return
         if self.root.exists() and not self.root.is_dir():
             raise SSLabError(f"data.root {self.root} is not a directory; point data.root at a directory")
-        from sslab.data.stamps_build import build
-
         log.info("building the stamps dataset into %s (once)", self.root)
         build(self.root, self.spec, self.stamps_dir, self.gnome_dir, progress=self.progress)
 

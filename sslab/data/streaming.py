@@ -1,6 +1,6 @@
 """``data=streaming``: litdata shards (Lightning's streaming format) on a local disk or an object store.
 
-``python -m sslab.data.convert src=DIR out=SHARDS`` writes them (``sslab.data.convert``): each sample is the
+``python -m sslab.dataset_builders.streaming_shards src=DIR out=SHARDS`` writes them: each sample is the
 image exactly as ``data=imagefolder`` yields it (decoded, letterboxed to ``load_size``, uint8 with its alpha
 validity channel), its label (-1 when unlabelled) and its source path; ``SHARDS/train`` (and ``SHARDS/val``
 for class folders), ``SHARDS/sslab.json`` (load size, channels, class names) and the labels as ``.npy``.
@@ -82,7 +82,7 @@ class ShardDataset(Dataset):
             except Exception as e:  # litdata raises ValueError/FileNotFoundError/... for a missing index
                 raise SSLabError(
                     f"cannot open litdata shards at {self.input_dir} ({type(e).__name__}: {e}); write them with "
-                    "python -m sslab.data.convert src=DIR out=SHARDS and pass data.path=SHARDS"
+                    "python -m sslab.dataset_builders.streaming_shards src=DIR out=SHARDS and pass data.path=SHARDS"
                 ) from None
         return self._reader
 
@@ -186,7 +186,7 @@ class StreamingDataModule(SSLDataModule):
         if not is_remote(self.path) and not (Path(self.path) / "train").is_dir():
             raise SSLabError(
                 f"data.path={self.path} has no train/ shards; write them with "
-                f"python -m sslab.data.convert src=IMAGE_DIR out={self.path}"
+                f"python -m sslab.dataset_builders.streaming_shards src=IMAGE_DIR out={self.path}"
             )
         for key, mine in (("load_size", self.load_size), ("channels", self.channels)):
             theirs = self.meta.get(key)

@@ -25,13 +25,7 @@ from pytorch_lightning.loggers import WandbLogger
 from sslab import cluster
 from sslab.build import build_datamodule, build_method
 from sslab.callbacks.preemption import Preempted, Preemption
-from sslab.checkpoint_io import (
-    WRITTEN,
-    AtomicCheckpointIO,
-    FiniteCheckpoint,
-    checkpoint_step,
-    save_final_checkpoint,
-)
+from sslab.checkpoint_io import WRITTEN, checkpoint_step, save_final_checkpoint
 from sslab.cli import fit_workers, quiet_startup
 from sslab.errors import SSLabError, check_train_config
 from sslab.evaluation.features import extract, raw_pixels
@@ -42,18 +36,13 @@ from sslab.progress_lines import Phase, format_duration, is_rank_zero, say
 from sslab.report import print_json_line, print_table
 from sslab.resume import check_resumable, find_resume_checkpoint, vet_checkpoint
 from sslab.rundir import acquire_run_dir, release_run_dir, remove_stale_temporaries
+from sslab.training_shell import last_checkpoint, make_trainer
 
 quiet_startup()  # also when train() is called without train.py (pipelines, tests)
 
-# Warnings about our intended design (views made in on_after_batch_transfer), about library internals, and
-# Lightning's "dataloader is not resumable" on a mid-epoch resume: our samplers are indexed by the global step,
-# so a resumed run sees the same batches as an uninterrupted one (tests/test_resume.py checks it bit for bit).
-for _message in (
-    r".*overridden `on_after_batch_transfer`.*",
-    r".*isinstance\(treespec, LeafSpec\).*",
-    r".*ended before the epoch ended and your dataloader is not resumable.*",
-):
-    warnings.filterwarnings("ignore", message=_message)
+# A warning about our intended design: views are made in on_after_batch_transfer (the shell silences the
+# resume warnings both training loops share)
+warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer`.*")
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -125,29 +114,19 @@ def build_trainer(cfg: DictConfig, run_dir: Path, clock: pl.Callback | None = No
         "enable_progress_bar", True
     ):  # trainer.enable_progress_bar=false wins over the bar
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    callbacks.append(
-        FiniteCheckpoint(
-            dirpath=run_dir / "checkpoints",
-            filename="step{step:06d}",
-            auto_insert_metric_name=False,
-            save_last=True,
-            every_n_train_steps=cfg.checkpoint.every_n_steps or None,
-            save_top_k=cfg.checkpoint.save_top_k,
-            save_on_train_epoch_end=True,
-        )
-    )
-    callbacks.append(Preemption(run_dir / "checkpoints" / "last.ckpt"))
+    callbacks.append(Preemption(last_checkpoint(run_dir)))
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     check_trainer_keys(trainer_cfg)
     trainer_kwargs: dict[str, Any] = cluster.adapt_trainer_kwargs(trainer_cfg)
     check_precision(trainer_kwargs.get("precision", "32-true"), trainer_kwargs.get("accelerator", "auto"))
-    trainer_kwargs.setdefault("use_distributed_sampler", False)  # our DataModules shard the data per rank
-    return pl.Trainer(
-        **trainer_kwargs,
+    return make_trainer(
+        run_dir,
+        cfg.checkpoint.every_n_steps or None,
+        cfg.checkpoint.save_top_k,
+        callbacks,
+        cluster.slurm_plugins(),
         logger=loggers or False,
-        callbacks=callbacks,
-        plugins=[AtomicCheckpointIO(), *cluster.slurm_plugins()],
-        default_root_dir=str(run_dir),
+        **trainer_kwargs,
     )
 
 
@@ -277,7 +256,7 @@ def _train(cfg: DictConfig, run_dir: Path, limit: str = "") -> dict[str, Any]:
     elapsed = train_end - start
     if trainer.is_global_zero and clock.train_end is not None:
         say(f"end-of-run evaluation: done in {format_duration(fit_end - train_end)}")
-    save_final_checkpoint(trainer, run_dir / "checkpoints" / "last.ckpt")
+    save_final_checkpoint(trainer, last_checkpoint(run_dir))
     in_sync = cluster.ranks_in_sync(model)
 
     metrics: dict[str, Any] = dict(getattr(model, "eval_results", {}))

@@ -1,4 +1,5 @@
-"""Write litdata shards for ``data=streaming``: ``python -m sslab.data.convert src=DIR out=SHARDS``.
+"""Write litdata shards for ``data=streaming``:
+``python -m sslab.dataset_builders.streaming_shards src=DIR out=SHARDS``.
 
 Each image is decoded exactly as ``data=imagefolder`` decodes it (``sslab.data.imagefolder.load_image``: long
 side to ``load_size``, letterboxed, uint8 with the alpha validity channel), so a run on the shards sees the
@@ -171,7 +172,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         from sslab.cli import parse_overrides
 
-        cfg = parse_overrides("data.convert", DEFAULTS, sys.argv[1:] if argv is None else argv)
+        cfg = parse_overrides(
+            "dataset_builders.streaming_shards", DEFAULTS, sys.argv[1:] if argv is None else argv
+        )
         convert(**{k: cfg[k] for k in DEFAULTS})
     except Exception as e:
         message = user_message(e)

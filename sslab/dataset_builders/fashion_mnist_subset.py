@@ -1,6 +1,6 @@
 """Build the class-balanced Fashion-MNIST subset shipped in ``sslab/assets``.
 
-python -m sslab.data.make_subset  (needs Debian's dataset-fashion-mnist; deterministic for a seed)
+python -m sslab.dataset_builders.fashion_mnist_subset  (needs Debian's dataset-fashion-mnist; deterministic for a seed)
 """
 
 from __future__ import annotations

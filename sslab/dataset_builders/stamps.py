@@ -12,7 +12,7 @@ Deterministic: image i of a split is a pure function of (spec, split, i) through
 seeded with [seed, split, i], so the same spec writes byte-identical images and JSON.
 
 Output (the issue-4 contract): ``images/{split}/NNNNNN.png``, ``{split}.json`` (COCO instances with RLE
-masks and captions), ``meta.json``. ``python -m sslab.data.stamps_build --out DIR`` builds it.
+masks and captions), ``meta.json``. ``python -m sslab.dataset_builders.stamps --out DIR`` builds it.
 """
 
 from __future__ import annotations
@@ -354,14 +354,9 @@ def _progress(enabled: bool, total: int):
     return bar, bar.add_task("build", total=total)
 
 
-def write_dataset(
-    out: Path,
-    spec: BuildSpec,
-    stamps_dir: Path = STAMPS_DIR,
-    gnome_dir: Path = GNOME_DIR,
-    progress: bool = False,
-) -> dict:
-    """Write the dataset into the (new, empty) directory ``out``; returns the meta dict."""
+def write_dataset(out: Path, spec: BuildSpec, stamps_dir: Path, gnome_dir: Path, progress: bool) -> dict:
+    """Write the dataset into the (new, empty) directory ``out``; returns the meta dict (``build`` is the
+    entry: it writes beside ``out`` and renames, and holds the defaults)."""
     stamps = list_stamps(stamps_dir)
     categories = sorted({s.category for s in stamps})
     cat_id = {name: k + 1 for k, name in enumerate(categories)}
