@@ -123,5 +123,7 @@ def coco_source(dm: Any, split: str) -> tuple[Path, Path]:
         )
     path = Path(dm.coco_json(split))
     if not path.is_file():
-        raise SSLabError(f"{path} is missing; build the dataset first (python -m sslab.dataset_builders.stamps)")
+        raise SSLabError(
+            f"{path} is missing; build the dataset first (python -m sslab.dataset_builders.stamps)"
+        )
     return path, Path(dm.root)
