@@ -161,3 +161,45 @@ def environment(args: argparse.Namespace) -> dict[str, object]:
     if args.device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
     return env
+
+
+# -- where a step's time goes -------------------------------------------------------------------------------
+# aten op name -> group, first match wins; the GEMM group is what no framework code can make cheaper
+OP_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("GEMM (linear, matmul, conv)", ("addmm", "aten::mm", "bmm", "matmul", "linear", "conv")),
+    ("attention (SDPA)", ("scaled_dot_product", "_flash_attention", "_efficient_attention")),
+    ("norms (LayerNorm, BatchNorm)", ("layer_norm", "batch_norm")),
+    ("optimizer and clipping", ("_foreach", "adam", "linalg_vector_norm", "lerp", "addcdiv", "addcmul")),
+    ("activations (GELU, softmax)", ("gelu", "softmax", "tanh", "sigmoid")),
+    ("copies and layout", ("copy_", "contiguous", "clone", "aten::cat", "stack", "_to_copy", "index", "pad")),
+)
+
+
+def profile_op_groups(fn: Callable[[], object], steps: int) -> dict[str, float]:
+    """Self CPU milliseconds per step of each op group (``OP_GROUPS``, the rest as "other") over ``steps``
+    calls of ``fn``, from ``torch.profiler``: where a step's time goes, so two implementations of one
+    method can be compared op by op, and the share of GEMMs says how much any framework could still gain."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # warm-up outside the profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            fn()
+    out = {name: 0.0 for name, _ in OP_GROUPS} | {"other": 0.0}
+    for ev in prof.key_averages():
+        key = ev.key.lower()
+        group = next((name for name, pats in OP_GROUPS if any(p in key for p in pats)), "other")
+        out[group] += ev.self_cpu_time_total / 1000 / steps
+    return out
+
+
+def print_profile(sides: Mapping[str, Mapping[str, float]]) -> None:
+    """One row per op group, one column per side: ms per step and share of that side's step."""
+    names = list(next(iter(sides.values())))
+    totals = {s: sum(g.values()) for s, g in sides.items()}
+    rows = [
+        [name, *(f"{g[name]:.1f} ({100 * g[name] / totals[s]:.0f}%)" for s, g in sides.items())]
+        for name in names
+    ]
+    rows.append(["total (self CPU)", *(f"{totals[s]:.1f}" for s in sides)])
+    print_markdown_table(["op group, ms / step (share)", *sides], rows)
