@@ -24,6 +24,7 @@ from pytorch_lightning.loggers import WandbLogger
 
 from sslab import cluster
 from sslab.build import build_datamodule, build_method
+from sslab.callbacks.common import results_of
 from sslab.callbacks.preemption import Preempted, Preemption
 from sslab.checkpoint_io import (
     WRITTEN,
@@ -280,7 +281,7 @@ def _train(cfg: DictConfig, run_dir: Path, limit: str = "") -> dict[str, Any]:
     save_final_checkpoint(trainer, run_dir / "checkpoints" / "last.ckpt")
     in_sync = cluster.ranks_in_sync(model)
 
-    metrics: dict[str, Any] = dict(getattr(model, "eval_results", {}))
+    metrics: dict[str, Any] = dict(results_of(trainer).metrics)
     metrics.update(
         {"train_time_s": round(elapsed, 1), "global_step": trainer.global_step, "run_dir": str(run_dir)}
     )

@@ -16,7 +16,6 @@ from sslab.modules.ibot_loss import (
     masked_patch_loss,
     update_patch_center,
 )
-from sslab.modules.schedules import LinearWarmupSchedule
 from sslab.training import train
 
 
@@ -87,10 +86,7 @@ def _model(tiny_cfg, *overrides):
     cfg = tiny_cfg("method=ibot", *overrides)
     dm = build_datamodule(cfg)
     model = build_method(cfg, dm)
-    model.schedules = {
-        "teacher_temp": LinearWarmupSchedule(0.04, 0.04, 0),
-        "teacher_patch_temp": LinearWarmupSchedule(0.07, 0.07, 0),
-    }
+    model.setup_schedules(total_steps=100, steps_per_epoch=1)  # teacher temperatures 0.04 / 0.07 from step 0
     images = torch.stack([dm.train_set[i]["image"] for i in range(8)])
     return model, images
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,10 +12,12 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from sslab import hooks
 from sslab.augment import eval_view
 from sslab.backbones import Backbone
 from sslab.backbones.flexi import draw_patch_size, flexible_backbones
 from sslab.errors import SSLabError
+from sslab.eval_mode import eval_mode
 from sslab.modules.collapse import effective_rank, feature_std
 from sslab.modules.lars import LARS
 from sslab.modules.param_groups import adamw_param_groups
@@ -70,13 +72,19 @@ class SSLMethod(pl.LightningModule):
     ``lars_eta``, momentum ``lars_momentum``) over the same groups, with the same lr and wd schedules.
     """
 
-    requires_masking: bool = False
-    required_keys: tuple[str, ...] = ("image",)
-    flexi_patch_size: int | None = None  # this step's FlexiViT patch size (logged as train/patch_size)
+    # -- what a method declares (class attributes; the callbacks and eval.py read them, never probe) --------
+    requires_masking: bool = False  # the backbone must take ``mask=`` / ``keep=`` (ViTs)
+    required_keys: tuple[str, ...] = ("image",)  # batch keys the DataModule must provide
     supports_flexi: bool = True  # False where the method's targets are tied to one patch size (MAE pixels)
     view_key: str = "image"  # the batch key the view pipeline reads (TOV-VICReg: "frames")
     weight_decay_rule: str = "timm"  # which parameters get no weight decay (modules.param_groups)
     lr_warmup_linspace: bool = False  # True: the lr reaches its peak at the last warm-up step (DINO, DINOv2)
+    # Optional capabilities: a method that has one sets the flag and implements what it names.
+    reconstructs: bool = False  # ``reconstruct(images_uint8, seed)`` -> picture columns (MAE, DiffMAE)
+    zero_shot: bool = False  # ``encode_image_uint8`` + ``class_embeddings`` (a text tower: WSP)
+    probe_batchnorm: bool = False  # linear probes put BatchNorm (no affine) before the layer (MAE)
+    embed_pool: str = "cls"  # what ``embed`` pools (cls | mean); fine-tuning pools the same way
+    flexi_patch_size: int | None = None  # this step's FlexiViT patch size (logged as train/patch_size)
 
     def __init__(
         self,
@@ -95,6 +103,7 @@ class SSLMethod(pl.LightningModule):
         optimizer: str = "adamw",
         lars_momentum: float = 0.9,
         lars_eta: float = 0.001,
+        views: dict[str, Any] | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -122,6 +131,7 @@ class SSLMethod(pl.LightningModule):
             )
         self.optimizer_name, self.lars_momentum, self.lars_eta = optimizer, lars_momentum, lars_eta
         self.seed = seed
+        self.view_cfg = dict(views or {})  # the method's ``views`` settings, read by ``make_views``
         self.views = self.make_views()
         self.schedules: dict[str, Any] = {}
         self.steps_per_epoch = 1
@@ -139,10 +149,10 @@ class SSLMethod(pl.LightningModule):
     ) -> SSLMethod:
         """Build ``conf/method/<method>.yaml`` (default: the one whose class is ``cls``) around any ``nn.Module``
         returning (B, D) features, or a backbone name, for the user's own ``pl.Trainer().fit(model, dm)``;
-        ``data`` is that DataModule (or a data config name / ``DataSpec``). See ``sslab.api.method_from_config``."""
-        from sslab.api import method_from_config  # the config tree lives with the entry points
-
-        return method_from_config(cls, method, backbone, data, embed_dim, **overrides)
+        ``data`` is that DataModule (or a data config name / ``DataSpec``). The work needs the config tree and
+        the builders, which sit on the floors above: ``sslab.api.method_from_config`` does it and hands itself
+        down through ``sslab.hooks`` when ``sslab`` is imported."""
+        return hooks.method_from_config(cls, method, backbone, data, embed_dim, **overrides)
 
     # -- what a method provides --------------------------------------------------------------------
     def make_views(self) -> nn.Module:
@@ -161,7 +171,20 @@ class SSLMethod(pl.LightningModule):
         return self.backbone
 
     def extra_schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, Any]:
+        """The method's own per-step schedules (teacher momentum, temperatures) beside lr and weight decay."""
         return {}
+
+    def reconstruct(self, images: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
+        """With ``reconstructs``: {column name: (B, 3, H, W) in [0, 1]} for uint8 ``images``."""
+        raise NotImplementedError(f"{type(self).__name__} does not reconstruct images")
+
+    def encode_image_uint8(self, images: torch.Tensor) -> torch.Tensor:
+        """With ``zero_shot``: (B, E) normalised image embeddings in the text tower's space."""
+        raise NotImplementedError(f"{type(self).__name__} has no text tower")
+
+    def class_embeddings(self, class_names: Sequence[str]) -> torch.Tensor:
+        """With ``zero_shot``: (C, E) zero-shot classifier from the class names."""
+        raise NotImplementedError(f"{type(self).__name__} has no text tower")
 
     def init_backbone_from(self, ckpt_path: str) -> None:
         """Start from another run's evaluation encoder (``init_from``); an EMA teacher starts equal to it."""
@@ -181,13 +204,9 @@ class SSLMethod(pl.LightningModule):
     ) -> torch.Tensor:
         """Features of raw uint8 images through the deterministic evaluation view, in eval mode; ``features``
         (default ``embed``) maps the normalised float images to (B, D)."""
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             x = eval_view(images.to(self.device), self.data.image_size, self.data.mean, self.data.std)
             return (features or self.embed)(x).float()
-        finally:
-            self.train(was_training)
 
     # -- batch flow ----------------------------------------------------------------------------------
     def step_seed(self, step: int) -> int:
@@ -268,13 +287,7 @@ class SSLMethod(pl.LightningModule):
             1, len(dm.train_set) // (dm.batch_size * world) // trainer.accumulate_grad_batches
         )
         total = int(trainer.estimated_stepping_batches)
-        warmup = int(self.warmup_epochs * self.steps_per_epoch)
-        peak_lr = self.base_lr * LR_SCALINGS[self.lr_scaling](global_batch)
-        configured = {
-            "lr": CosineSchedule(peak_lr, self.min_lr, total, warmup, linspace=self.lr_warmup_linspace),
-            "wd": CosineSchedule(self.weight_decay, self.weight_decay_end, total),
-            **self.extra_schedules(total, self.steps_per_epoch),
-        }
+        configured = self.make_schedules(total, self.steps_per_epoch, global_batch)
         mode = (self.sslab_config or {}).get("resume_schedules", "keep")
         if not self.schedules or mode == "reset":  # a new run, or resume_schedules=reset: this config's
             self.schedules = configured  # indexed by the global step, so they continue from the checkpoint's
@@ -292,6 +305,29 @@ class SSLMethod(pl.LightningModule):
                 changed,
             )
         return self.make_optimizer(self.schedules["lr"](0))
+
+    def make_schedules(
+        self, total_steps: int, steps_per_epoch: int, global_batch: int | None = None
+    ) -> dict[str, Any]:
+        """This config's schedules for a run of ``total_steps`` optimizer steps: lr (peak ``base_lr`` scaled
+        by ``global_batch``, unscaled when None), weight decay and the method's ``extra_schedules``."""
+        warmup = int(self.warmup_epochs * steps_per_epoch)
+        scale = 1.0 if global_batch is None else LR_SCALINGS[self.lr_scaling](global_batch)
+        return {
+            "lr": CosineSchedule(
+                self.base_lr * scale, self.min_lr, total_steps, warmup, linspace=self.lr_warmup_linspace
+            ),
+            "wd": CosineSchedule(self.weight_decay, self.weight_decay_end, total_steps),
+            **self.extra_schedules(total_steps, steps_per_epoch),
+        }
+
+    def setup_schedules(
+        self, total_steps: int, steps_per_epoch: int, global_batch: int | None = None
+    ) -> None:
+        """Start this config's schedules (``make_schedules``) for a run of ``total_steps`` steps, as a new
+        run's ``configure_optimizers`` does: what tests and benchmarks call to step a method by hand."""
+        self.steps_per_epoch = steps_per_epoch
+        self.schedules = self.make_schedules(total_steps, steps_per_epoch, global_batch)
 
     def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
         """``optimizer=adamw`` (default) or ``lars`` over ``param_groups``; LARS as VICReg's official

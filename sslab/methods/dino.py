@@ -61,10 +61,8 @@ class DINO(SSLMethod):
         momentum_teacher: float = 0.996,
         teacher_temp_per: str = "epoch",
         teacher_eval_mode: bool = False,
-        views: dict[str, Any] | None = None,
         **kwargs,
     ) -> None:
-        self.view_cfg = dict(views or {})
         super().__init__(*args, **kwargs)
         self.head_kwargs = {
             "hidden_dim": hidden_dim,

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslab.augment.mae_views import MAEViews
-from sslab.augment.multicrop import eval_view
 from sslab.data.text import PROMPT_TEMPLATES, tokenize
 from sslab.errors import SSLabError
+from sslab.eval_mode import eval_mode
 from sslab.modules.clip_loss import LogitScale, clip_loss
 from sslab.modules.text_tower import TextTower
 
@@ -35,6 +35,7 @@ class WSP(SSLMethod):
     """
 
     weight_decay_rule = "clip"  # OpenCLIP training/main.py
+    zero_shot = True  # encode_image_uint8 + class_embeddings
 
     required_keys = ("image", "text")
 
@@ -47,10 +48,8 @@ class WSP(SSLMethod):
         text_depth: int = 2,
         text_heads: int = 4,
         text_mlp_ratio: float = 4.0,
-        views: dict[str, Any] | None = None,
         **kwargs,
     ) -> None:
-        self.view_cfg = dict(views or {})
         super().__init__(*args, **{**WSP_DEFAULTS, **kwargs})
         self.embed_dim = embed_dim
         self.image_proj = nn.Linear(self.backbone.embed_dim, embed_dim, bias=False)
@@ -85,13 +84,7 @@ class WSP(SSLMethod):
     @torch.no_grad()
     def encode_image_uint8(self, images: torch.Tensor) -> torch.Tensor:
         """Image embeddings of raw uint8 images through the evaluation view, in eval mode."""
-        was_training = self.training
-        self.eval()
-        try:
-            x = eval_view(images.to(self.device), self.data.image_size, self.data.mean, self.data.std)
-            return self.encode_image(x).float()
-        finally:
-            self.train(was_training)
+        return self.embed_uint8(images, self.encode_image)
 
     @torch.no_grad()
     def class_embeddings(
@@ -101,15 +94,11 @@ class WSP(SSLMethod):
         in eval mode (``sslab.evaluation.zero_shot.prompt_ensemble`` averages them)."""
         from sslab.evaluation.zero_shot import prompt_ensemble
 
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             prompts = [t.format(name) for name in class_names for t in templates]
             tokens = tokenize(prompts, self.context_length).to(self.device)
             feats = self.encode_text(tokens).float().view(len(class_names), len(templates), -1)
             return prompt_ensemble(feats)
-        finally:
-            self.train(was_training)
 
     # -- training ------------------------------------------------------------------------------------
     def step(self, batch: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,14 @@ def warmup_fraction(step: int, warmup: int, linspace: bool) -> float:
     return step / warmup
 
 
+def warmup_then_cosine(s: CosineSchedule | ExtendedCosineSchedule, step: int, progress: float) -> float:
+    """The value both cosines share: the linear warm-up before ``s.warmup_steps``, after it the half-cosine
+    from ``s.base`` to ``s.final`` at ``progress`` in [0, 1] (which each schedule measures its own way)."""
+    if step < s.warmup_steps:
+        return s.warmup_start + (s.base - s.warmup_start) * warmup_fraction(step, s.warmup_steps, s.linspace)
+    return s.final + 0.5 * (s.base - s.final) * (1.0 + math.cos(math.pi * progress))
+
+
 @dataclass(frozen=True)
 class CosineSchedule:
     """Linear warm-up from ``warmup_start`` to ``base`` then half-cosine from ``base`` to ``final``.
@@ -41,13 +49,8 @@ class CosineSchedule:
     linspace: bool = False
 
     def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.warmup_start + (self.base - self.warmup_start) * warmup_fraction(
-                step, self.warmup_steps, self.linspace
-            )
         span = max(1, self.total_steps - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / span)
-        return self.final + 0.5 * (self.base - self.final) * (1.0 + math.cos(math.pi * progress))
+        return warmup_then_cosine(self, step, min(1.0, (step - self.warmup_steps) / span))
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -112,12 +115,7 @@ class ExtendedCosineSchedule:
         return 1.0
 
     def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.warmup_start + (self.base - self.warmup_start) * warmup_fraction(
-                step, self.warmup_steps, self.linspace
-            )
-        p = min(1.0, max(0.0, self.progress(step)))
-        return self.final + 0.5 * (self.base - self.final) * (1.0 + math.cos(math.pi * p))
+        return warmup_then_cosine(self, step, min(1.0, max(0.0, self.progress(step))))
 
     def state_dict(self) -> dict:
         return asdict(self)
