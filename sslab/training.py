@@ -288,9 +288,9 @@ def _train(cfg: DictConfig, run_dir: Path, limit: str = "") -> dict[str, Any]:
     metrics.update({"world_size": trainer.world_size, "ranks_in_sync": in_sync})
     if ckpt:
         metrics["resumed_from"] = str(ckpt)
-    knn_cfg = (cfg.get("callbacks") or {}).get("knn") or {"k": 20, "temperature": 0.07}
+    knn_cfg = (cfg.get("callbacks") or {}).get("knn")  # baselines for the k-NN this run reports
     evaluation_on = not cfg.get("skip_evaluation") and not getattr(dm, "eval_off_reason", None)
-    if cfg.final_eval.baselines and evaluation_on and trainer.is_global_zero:
+    if knn_cfg and cfg.final_eval.baselines and evaluation_on and trainer.is_global_zero:
         base = baseline_knn(cfg, dm, knn_cfg["k"], knn_cfg["temperature"])
         metrics.update({f"baseline/{k}_knn_top1": v for k, v in base.items()})
     eval_time = time.perf_counter() - train_end

@@ -26,8 +26,8 @@ class KNNEval(FeatureEvaluation):
 
     def __init__(
         self,
-        k: int = 20,
-        temperature: float = 0.07,
+        k: int,
+        temperature: float,
         extra_k: Sequence[int] = (),
         every_n_epochs: int = 1,
         neighbours: bool | str = "auto",

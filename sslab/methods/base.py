@@ -70,6 +70,9 @@ class SSLMethod(pl.LightningModule):
     hand each step, and stored in checkpoints so that a resumed run continues them exactly.
     ``optimizer=lars`` swaps AdamW for LARS (``sslab.modules.lars``; VICReg's recipe, trust coefficient
     ``lars_eta``, momentum ``lars_momentum``) over the same groups, with the same lr and wd schedules.
+
+    Hyperparameters have one source, ``conf/method/<name>.yaml``: what a method yaml sets is a required
+    keyword argument here and in the subclasses; only settings no yaml needs to name keep a code default.
     """
 
     # -- what a method declares (class attributes; the callbacks and eval.py read them, never probe) --------
@@ -90,20 +93,21 @@ class SSLMethod(pl.LightningModule):
         self,
         backbone: Backbone,
         data: DataSpec,
-        base_lr: float = 5e-4,
-        min_lr: float = 1e-6,
-        warmup_epochs: float = 10,
-        weight_decay: float = 0.04,
+        *,
+        base_lr: float,
+        min_lr: float,
+        warmup_epochs: float,
+        weight_decay: float,
         weight_decay_end: float | None = None,
-        betas: tuple[float, float] = (0.9, 0.999),
-        grad_clip: float | None = None,
+        betas: tuple[float, float],
+        grad_clip: float | None,
         layer_decay: float | None = None,
         patch_embed_lr_mult: float = 1.0,
         lr_scaling: str = "linear_wrt_256",
-        optimizer: str = "adamw",
+        optimizer: str,
         lars_momentum: float = 0.9,
         lars_eta: float = 0.001,
-        views: dict[str, Any] | None = None,
+        views: dict[str, Any] | None,
         seed: int = 0,
     ) -> None:
         super().__init__()

@@ -53,12 +53,12 @@ class DiffMAE(MAE):
     def __init__(
         self,
         *args,
-        num_timesteps: int = 1000,
-        schedule: str = "cosine",
-        prediction: str = "x0",
-        sample_steps: int = 50,
-        decoder_self_attention: bool = True,
-        condition: str = "top_down",
+        num_timesteps: int,
+        schedule: str,
+        prediction: str,
+        sample_steps: int,
+        decoder_self_attention: bool,
+        condition: str,
         **kwargs,
     ) -> None:
         if schedule not in SCHEDULES:

@@ -17,14 +17,6 @@ from sslab.modules.patches import masked_mse, normalized_patches, patchify, unpa
 
 from .base import SSLMethod
 
-MAE_DEFAULTS = {
-    "base_lr": 1.5e-4,
-    "min_lr": 0.0,
-    "warmup_epochs": 40,
-    "weight_decay": 0.05,
-    "betas": (0.9, 0.95),
-}
-
 
 class MAE(SSLMethod):
     """Mask ``mask_ratio`` of the patches at random per image (argsort of uniform noise), encode the visible
@@ -59,14 +51,14 @@ class MAE(SSLMethod):
     def __init__(
         self,
         *args,
-        mask_ratio: float = 0.75,
-        decoder_dim: int = 512,
-        decoder_depth: int = 8,
-        decoder_heads: int = 16,
-        decoder_mlp_ratio: float = 4.0,
-        norm_pix_loss: bool = True,
-        embed_pool: str = "cls",
-        probe_features: str = "full",
+        mask_ratio: float,
+        decoder_dim: int,
+        decoder_depth: int,
+        decoder_heads: int,
+        decoder_mlp_ratio: float,
+        norm_pix_loss: bool,
+        embed_pool: str,
+        probe_features: str,
         decoder_options: dict[str, Any] | None = None,
         **kwargs,
     ) -> None:
@@ -76,7 +68,7 @@ class MAE(SSLMethod):
             raise SSLabError(f"method.embed_pool={embed_pool!r}: choose cls or mean")
         if probe_features not in ("full", "visible"):
             raise SSLabError(f"method.probe_features={probe_features!r}: choose full or visible")
-        super().__init__(*args, **{**MAE_DEFAULTS, **kwargs})
+        super().__init__(*args, **kwargs)
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
         self.embed_pool = embed_pool

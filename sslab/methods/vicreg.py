@@ -52,11 +52,11 @@ class VICReg(SSLMethod):
     def __init__(
         self,
         *args,
-        projector_dims: Sequence[int] = (1024, 1024, 1024),
-        sim_coeff: float = 25.0,
-        std_coeff: float = 25.0,
-        cov_coeff: float = 1.0,
-        bn_stats: str = "per_view",
+        projector_dims: Sequence[int],
+        sim_coeff: float,
+        std_coeff: float,
+        cov_coeff: float,
+        bn_stats: str,
         **kwargs,
     ) -> None:
         if bn_stats not in BN_STATS:

@@ -20,8 +20,6 @@ from sslab.modules.text_tower import TextTower
 
 from .base import SSLMethod
 
-WSP_DEFAULTS = {"betas": (0.9, 0.98), "weight_decay": 0.2}  # CLIP's AdamW (Sec. 2.5 / Table 20)
-
 
 class WSP(SSLMethod):
     """Two towers trained with the symmetric InfoNCE of ``sslab.modules.clip_loss``.
@@ -42,15 +40,15 @@ class WSP(SSLMethod):
     def __init__(
         self,
         *args,
-        embed_dim: int = 128,
-        context_length: int = 32,
-        text_width: int = 128,
-        text_depth: int = 2,
-        text_heads: int = 4,
-        text_mlp_ratio: float = 4.0,
+        embed_dim: int,
+        context_length: int,
+        text_width: int,
+        text_depth: int,
+        text_heads: int,
+        text_mlp_ratio: float,
         **kwargs,
     ) -> None:
-        super().__init__(*args, **{**WSP_DEFAULTS, **kwargs})
+        super().__init__(*args, **kwargs)
         self.embed_dim = embed_dim
         self.image_proj = nn.Linear(self.backbone.embed_dim, embed_dim, bias=False)
         nn.init.normal_(self.image_proj.weight, std=self.backbone.embed_dim**-0.5)  # CLIP's proj init
