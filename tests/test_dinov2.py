@@ -8,8 +8,7 @@ import torch
 
 from sslab.build import build_datamodule, build_method
 from sslab.errors import SSLabError
-from sslab.modules.koleo import koleo_loss
-from sslab.modules.sinkhorn import sinkhorn_knopp
+from sslab.modules.dino_loss import koleo_loss, sinkhorn_knopp
 from sslab.training import train
 
 
@@ -148,7 +147,7 @@ def test_dinov2_trains_with_falling_loss(tiny_cfg, tmp_path):
 
 
 RANK_SCRIPT = """
-from sslab.modules.sinkhorn import sinkhorn_knopp
+from sslab.modules.dino_loss import sinkhorn_knopp
 part = torch.load(path).split((7, 4))[rank]
 torch.save(sinkhorn_knopp(part, 0.1, 3), f"{path}.{rank}")
 """

@@ -9,10 +9,10 @@ import torch
 from sslab.build import build_datamodule, build_method
 from sslab.errors import SSLabError
 from sslab.methods import IBOT
-from sslab.modules.dino_loss import dino_loss
-from sslab.modules.ibot_loss import (
+from sslab.modules.dino_loss import (
     centered_targets,
     cls_distillation_loss,
+    dino_loss,
     masked_patch_loss,
     update_patch_center,
 )

@@ -23,9 +23,9 @@ from sslab.cutler.detector import droploss_keep
 from sslab.methods.base import DataSpec
 from sslab.modules.block_masking import BlockMasking, block_masks, mask_targets
 from sslab.modules.clip_loss import LogitScale, clip_loss, symmetric_info_nce
+from sslab.modules.dino_loss import sinkhorn_knopp
 from sslab.modules.droploss import droploss_classification, max_iou_to_gt
 from sslab.modules.maskcut import binary_affinity, foreground_side, maskcut, ncut_eigenvector
-from sslab.modules.sinkhorn import sinkhorn_knopp
 from sslab.modules.temporal_order import TemporalOrderHead, temporal_order_loss
 from tests.conftest import CONF
 

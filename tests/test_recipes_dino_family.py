@@ -14,7 +14,7 @@ from timm.layers import DropPath
 
 from sslab.build import build_datamodule, build_method
 from sslab.methods.base import SSLMethod
-from sslab.modules.ibot_loss import cls_distillation_loss
+from sslab.modules.dino_loss import cls_distillation_loss
 from sslab.modules.schedules import CosineSchedule
 
 from .conftest import CONF, make_cfg
