@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from pytorch_lightning.loggers import WandbLogger
 from torch import nn
 
 from sslab.augment import eval_view, to_float
@@ -208,24 +205,17 @@ class AttentionMaps(PeriodicCallback):
         grid = attention_grid(
             pictures, maps, self.scale, max_size=self.max_size, alpha=self.alpha, mass=self.mass
         )
-        if trainer.is_global_zero:
-            out = Path(trainer.default_root_dir) / "attention_maps" / f"step{trainer.global_step:06d}.png"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(grid).save(out)
-            caption = (
-                f"step {trainer.global_step}: rows = images; columns = image, head-mean CLS attention, "
-                f"{self.mass:.0%} of its mass, then heads 1-{maps.shape[1]}"
-            )
-            for logger in trainer.loggers:
-                if isinstance(logger, WandbLogger):
-                    logger.log_image(key=self.key, images=[grid], step=trainer.global_step, caption=[caption])
+        step = trainer.global_step
+        caption = (
+            f"step {step}: rows = images; columns = image, head-mean CLS attention, "
+            f"{self.mass:.0%} of its mass, then heads 1-{maps.shape[1]}"
+        )
+        save_picture(trainer, "attention_maps", f"step{step:06d}", grid, self.key, caption)
         if tokens is not None:
             pca = pca_grid(pictures, patch_pca(tokens.float().cpu()), self.scale, self.max_size)
-            caption = (
-                f"step {trainer.global_step}: rows = images; image, then the first 3 principal components of "
-                "the last layer's patch tokens over these images as RGB"
+            pca_caption = (
+                f"step {step}: rows = images; image, then the first 3 principal components of the last "
+                "layer's patch tokens over these images as RGB"
             )
-            save_picture(
-                trainer, "attention_maps", f"pca_step{trainer.global_step:06d}", pca, self.pca_key, caption
-            )
+            save_picture(trainer, "attention_maps", f"pca_step{step:06d}", pca, self.pca_key, pca_caption)
         return grid
