@@ -88,6 +88,7 @@ class SSLMethod(pl.LightningModule):
     probe_batchnorm: bool = False  # linear probes put BatchNorm (no affine) before the layer (MAE)
     embed_pool: str = "cls"  # what ``embed`` pools (cls | mean); fine-tuning pools the same way
     flexi_patch_size: int | None = None  # this step's FlexiViT patch size (logged as train/patch_size)
+    resume_step: int | None = None  # the checkpoint's step when resumed (set by the training run)
 
     def __init__(
         self,
@@ -296,7 +297,7 @@ class SSLMethod(pl.LightningModule):
         if not self.schedules or mode == "reset":  # a new run, or resume_schedules=reset: this config's
             self.schedules = configured  # indexed by the global step, so they continue from the checkpoint's
         elif mode == "extend":  # the checkpoint's cosines, stretched from the resume step to this run's end
-            step = int(getattr(self, "resume_step", None) or 0)  # set by sslab.training from the checkpoint
+            step = int(self.resume_step or 0)
             self.schedules = {k: extend_cosine(s, step, total) for k, s in self.schedules.items()}
             log.info(
                 "resume_schedules=extend: cosine schedules continue from step %d to step %d", step, total
