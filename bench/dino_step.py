@@ -63,7 +63,6 @@ from torch import nn
 from sslab.build import build_backbone, build_datamodule, build_method
 from sslab.methods.base import clip_per_tensor_
 from sslab.modules.ema import ema_update_
-from sslab.modules.schedules import CosineSchedule, LinearWarmupSchedule
 
 warnings.filterwarnings("ignore", message=r".*weight_norm.*")  # lightly's head uses the old weight_norm
 
@@ -95,7 +94,12 @@ def parse_args() -> argparse.Namespace:
 
 
 def compose_config(args: argparse.Namespace):
-    overrides = ["data.source=embedded", f"data.batch_size={args.batch_size}", *args.override]
+    overrides = [
+        "data.source=embedded",
+        f"data.batch_size={args.batch_size}",
+        "method.momentum_teacher=0.996",  # the official DINO momentum, the value both sides update with
+        *args.override,
+    ]
     if args.num_local is not None:
         overrides.append(f"method.views.num_local={args.num_local}")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -106,13 +110,7 @@ class SSLabSide:
     def __init__(self, cfg, dm, device: torch.device) -> None:
         model = build_method(cfg, dm).to(device)
         model.train()
-        model.schedules = {
-            "lr": CosineSchedule(1e-3, 1e-6, 1000),
-            "wd": CosineSchedule(0.04, 0.4, 1000),
-            "momentum": CosineSchedule(0.996, 1.0, 1000),
-            "teacher_temp": LinearWarmupSchedule(0.04, 0.07, 100),
-        }
-        model.steps_per_epoch = 100
+        model.setup_schedules(total_steps=1000, steps_per_epoch=100)  # EMA momentum 0.996 (overrides)
         self.model = model
         self.device = device
         self.grad_clip = float(cfg.method.grad_clip)

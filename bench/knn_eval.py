@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,8 +40,13 @@ from _common import (
     spread,
     time_interleaved,
 )
+from omegaconf import OmegaConf
 
 from sslab.evaluation.knn import knn_accuracy
+
+KNN = OmegaConf.load(
+    Path(__file__).resolve().parents[1] / "conf" / "knn" / "default.yaml"
+)  # the runs' k and T
 
 
 def parse_args() -> argparse.Namespace:
@@ -55,8 +61,8 @@ def parse_args() -> argparse.Namespace:
         default=6.0,
         help="per-dimension noise std (class means are N(0, 1)); 6 gives ~77%% top-1",
     )
-    p.add_argument("--k", type=int, default=20)
-    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--k", type=int, default=KNN.k)
+    p.add_argument("--temperature", type=float, default=KNN.temperature)
     p.add_argument("--sklearn-metric", choices=["euclidean", "cosine"], default="euclidean")
     p.add_argument(
         "--real", action="store_true", help="raw Fashion-MNIST pixels (the full set when installed)"

@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from sslab import api as api  # light (omegaconf); hands method_from_config down to SSLMethod (sslab.hooks)
+
 __version__ = "0.1.0"
 
 _LAZY = ("api", "backbones", "callbacks", "data", "methods", "evaluation", "modules", "augment", "runs")

@@ -21,6 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from sslab import hooks
 from sslab.errors import SSLabError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -203,3 +204,6 @@ def method_from_config(
     if isinstance(backbone, str):  # eval.py and init_from can rebuild it from its checkpoint
         model.sslab_config = OmegaConf.to_container(cfg, resolve=True)
     return model
+
+
+hooks.method_from_config = method_from_config  # SSLMethod.from_config (methods floor) calls it through hooks

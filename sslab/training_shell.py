@@ -1,4 +1,4 @@
-"""The training shell that pretraining (``sslab.training``) and CutLER's detector share.
+"""The training shell that pretraining (``sslab.runs.training``) and CutLER's detector share.
 
 Resuming bit for bit needs the same few pieces in every training loop, so they live here once: the random
 draws of a step seeded by (seed, step, rank), a non-finite loss stopping the run before it is applied, and a

@@ -8,9 +8,7 @@ import torch
 
 from sslab.build import build_datamodule, build_method
 from sslab.errors import SSLabError
-from sslab.modules.koleo import koleo_loss
-from sslab.modules.schedules import LinearWarmupSchedule
-from sslab.modules.sinkhorn import sinkhorn_knopp
+from sslab.modules.dino_loss import koleo_loss, sinkhorn_knopp
 from sslab.runs.training import train
 
 
@@ -110,10 +108,7 @@ def test_layerwise_lr_decay_groups(tiny_cfg):
 
 def test_sinkhorn_centering_step_runs_and_leaves_centers_alone(tiny_cfg):
     model, dm = _dinov2(tiny_cfg, "method.centering=sinkhorn_knopp")
-    model.schedules = {
-        "teacher_temp": LinearWarmupSchedule(0.04, 0.04, 0),
-        "teacher_patch_temp": LinearWarmupSchedule(0.04, 0.04, 0),
-    }
+    model.setup_schedules(total_steps=100, steps_per_epoch=1)  # teacher temperatures 0.04 / 0.04 from step 0
     images = torch.stack([dm.train_set[i]["image"] for i in range(8)])
     torch.manual_seed(0)
     masks = torch.zeros(16, 4, 4, dtype=torch.bool)
@@ -152,7 +147,7 @@ def test_dinov2_trains_with_falling_loss(tiny_cfg, tmp_path):
 
 
 RANK_SCRIPT = """
-from sslab.modules.sinkhorn import sinkhorn_knopp
+from sslab.modules.dino_loss import sinkhorn_knopp
 part = torch.load(path).split((7, 4))[rank]
 torch.save(sinkhorn_knopp(part, 0.1, 3), f"{path}.{rank}")
 """

@@ -159,7 +159,7 @@ def test_dino_step_at_two_patch_sizes_student_and_teacher_agree(tmp_path):
     cfg = make_cfg(tmp_path, "backbone.flexi=true")
     dm = build_datamodule(cfg)
     model = build_method(cfg, dm).train()
-    model.schedules.update(model.extra_schedules(100, 10))
+    model.setup_schedules(100, 10)
     images = torch.stack([dm.train_set[i]["image"] for i in range(8)])
     seen = set()
     for step in range(12):

@@ -9,14 +9,13 @@ import torch
 from sslab.build import build_datamodule, build_method
 from sslab.errors import SSLabError
 from sslab.methods import IBOT
-from sslab.modules.dino_loss import dino_loss
-from sslab.modules.ibot_loss import (
+from sslab.modules.dino_loss import (
     centered_targets,
     cls_distillation_loss,
+    dino_loss,
     masked_patch_loss,
     update_patch_center,
 )
-from sslab.modules.schedules import LinearWarmupSchedule
 from sslab.runs.training import train
 
 
@@ -87,10 +86,7 @@ def _model(tiny_cfg, *overrides):
     cfg = tiny_cfg("method=ibot", *overrides)
     dm = build_datamodule(cfg)
     model = build_method(cfg, dm)
-    model.schedules = {
-        "teacher_temp": LinearWarmupSchedule(0.04, 0.04, 0),
-        "teacher_patch_temp": LinearWarmupSchedule(0.07, 0.07, 0),
-    }
+    model.setup_schedules(total_steps=100, steps_per_epoch=1)  # teacher temperatures 0.04 / 0.07 from step 0
     images = torch.stack([dm.train_set[i]["image"] for i in range(8)])
     return model, images
 

@@ -44,7 +44,13 @@ LAYERS: list[tuple[str, ...]] = [
         "sslab.training_shell",
     ),
     ("sslab.cli", "sslab.checkpoint_io", "sslab.report"),
-    ("sslab.errors", "sslab.progress_lines", "sslab.devices"),  # the bottom: no sslab import
+    (
+        "sslab.errors",
+        "sslab.progress_lines",
+        "sslab.devices",
+        "sslab.eval_mode",
+        "sslab.hooks",
+    ),  # no sslab import
 ]
 
 

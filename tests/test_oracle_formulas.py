@@ -25,7 +25,7 @@ from sslab.cutler.maskcut import binary_affinity, foreground_side, maskcut, ncut
 from sslab.methods.base import DataSpec
 from sslab.modules.block_masking import BlockMasking, block_masks, mask_targets
 from sslab.modules.clip_loss import LogitScale, clip_loss, symmetric_info_nce
-from sslab.modules.sinkhorn import sinkhorn_knopp
+from sslab.modules.dino_loss import sinkhorn_knopp
 from sslab.modules.temporal_order import TemporalOrderHead, temporal_order_loss
 from tests.conftest import CONF
 

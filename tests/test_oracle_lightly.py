@@ -10,10 +10,15 @@ import torch
 from lightly.loss import DINOLoss, IBOTPatchLoss, KoLeoLoss, VICRegLoss
 from lightly.models.modules.heads import DINOProjectionHead
 
-from sslab.modules.dino_loss import dino_loss, update_center
+from sslab.modules.dino_loss import (
+    centered_targets,
+    dino_loss,
+    koleo_loss,
+    masked_patch_loss,
+    masked_token_index,
+    update_center,
+)
 from sslab.modules.heads import DINOHead
-from sslab.modules.ibot_loss import centered_targets, masked_patch_loss, masked_token_index
-from sslab.modules.koleo import koleo_loss
 from sslab.modules.vicreg_loss import vicreg_loss
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}

@@ -14,7 +14,7 @@ from timm.layers import DropPath
 
 from sslab.build import build_datamodule, build_method
 from sslab.methods.base import SSLMethod
-from sslab.modules.ibot_loss import cls_distillation_loss
+from sslab.modules.dino_loss import cls_distillation_loss
 from sslab.modules.schedules import CosineSchedule
 
 from .conftest import CONF, make_cfg
@@ -159,7 +159,7 @@ def test_dinov2_divides_the_dino_term_like_ssl_meta_arch(tmp_path):
     # with no local crops, DINOv2's step reports 2/3 of the mean over pairs
     v2 = _build(tmp_path, "dinov2", "method.views.num_local=0", "method.koleo_weight=0")
     v2.train()
-    v2.schedules = v2.extra_schedules(100, 10)
+    v2.setup_schedules(100, 10)
     images = torch.randint(0, 255, (4, 1, 28, 28), dtype=torch.uint8)
     views = v2.views(images)
     masks = torch.zeros(8, 4, 4, dtype=torch.bool)

@@ -13,6 +13,7 @@ from torch import nn
 
 from sslab.backbones.base import Backbone
 from sslab.errors import SSLabError
+from sslab.eval_mode import eval_mode
 
 
 class ExternalBackbone(Backbone):
@@ -40,16 +41,12 @@ class ExternalBackbone(Backbone):
 
     @torch.no_grad()
     def infer_dim(self, image_size: int, channels: int) -> int:
-        was_training = self.module.training
-        self.module.eval()
-        try:
+        with eval_mode(self.module):
             param = next(self.module.parameters(), None)
             x = torch.zeros(
                 2, channels, image_size, image_size, device=param.device if param is not None else None
             )
             out = self.module(x)
-        finally:
-            self.module.train(was_training)
         if not isinstance(out, torch.Tensor) or out.dim() != 2:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise SSLabError(

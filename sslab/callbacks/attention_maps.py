@@ -18,20 +18,18 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from pytorch_lightning.loggers import WandbLogger
 from torch import nn
 
 from sslab.augment import eval_view, to_float
-from sslab.callbacks.common import should_evaluate
+from sslab.callbacks.common import PeriodicCallback
 from sslab.callbacks.pictures import patch_pca, pca_grid, save_picture
+from sslab.eval_mode import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +155,7 @@ def attention_grid(
     return (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
 
 
-class AttentionMaps(pl.Callback):
+class AttentionMaps(PeriodicCallback):
     """Every ``every_n_epochs`` epochs and at the end of training, render the CLS attention maps of
     ``num_images`` fixed test images (evenly spaced through the test split) from the evaluation encoder."""
 
@@ -173,10 +171,10 @@ class AttentionMaps(pl.Callback):
         pca: bool = True,
         pca_key: str = "patch_pca",
     ) -> None:
-        self.num_images, self.every_n_epochs, self.scale, self.key = num_images, every_n_epochs, scale, key
+        super().__init__(every_n_epochs)
+        self.num_images, self.scale, self.key = num_images, scale, key
         self.max_size, self.alpha, self.mass = max_size, alpha, mass
         self.pca, self.pca_key = pca, pca_key
-        self.last_step = -1
         self._images: torch.Tensor | None = None
         self._warned = False
 
@@ -188,12 +186,8 @@ class AttentionMaps(pl.Callback):
         return self._images
 
     @torch.no_grad()
-    def render(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> np.ndarray | None:
-        if self.last_step == trainer.global_step:
-            return None
-        self.last_step = trainer.global_step
-        eval_backbone = getattr(pl_module, "eval_backbone", None)
-        backbone = eval_backbone() if callable(eval_backbone) else pl_module.backbone
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> np.ndarray | None:
+        backbone = pl_module.eval_backbone()
         if not hasattr(getattr(backbone, "vit", None), "blocks"):
             if not self._warned:
                 log.warning(
@@ -203,43 +197,25 @@ class AttentionMaps(pl.Callback):
             return None
         images = self.fixed_images(trainer)
         spec = pl_module.data
-        was_training = backbone.training
-        backbone.eval()
-        try:
+        with eval_mode(backbone):
             x = eval_view(images.to(pl_module.device), spec.image_size, spec.mean, spec.std)
             maps = cls_attention(backbone, x)
             tokens = backbone.forward_tokens(x)["patch"] if self.pca else None
-        finally:
-            backbone.train(was_training)
         pictures = eval_view(images, spec.image_size, (0.0,) * 3, (1.0,) * 3)  # the crop the maps are of
         grid = attention_grid(
             pictures, maps, self.scale, max_size=self.max_size, alpha=self.alpha, mass=self.mass
         )
-        if trainer.is_global_zero:
-            out = Path(trainer.default_root_dir) / "attention_maps" / f"step{trainer.global_step:06d}.png"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(grid).save(out)
-            caption = (
-                f"step {trainer.global_step}: rows = images; columns = image, head-mean CLS attention, "
-                f"{self.mass:.0%} of its mass, then heads 1-{maps.shape[1]}"
-            )
-            for logger in trainer.loggers:
-                if isinstance(logger, WandbLogger):
-                    logger.log_image(key=self.key, images=[grid], step=trainer.global_step, caption=[caption])
+        step = trainer.global_step
+        caption = (
+            f"step {step}: rows = images; columns = image, head-mean CLS attention, "
+            f"{self.mass:.0%} of its mass, then heads 1-{maps.shape[1]}"
+        )
+        save_picture(trainer, "attention_maps", f"step{step:06d}", grid, self.key, caption)
         if tokens is not None:
             pca = pca_grid(pictures, patch_pca(tokens.float().cpu()), self.scale, self.max_size)
-            caption = (
-                f"step {trainer.global_step}: rows = images; image, then the first 3 principal components of "
-                "the last layer's patch tokens over these images as RGB"
+            pca_caption = (
+                f"step {step}: rows = images; image, then the first 3 principal components of the last "
+                "layer's patch tokens over these images as RGB"
             )
-            save_picture(
-                trainer, "attention_maps", f"pca_step{trainer.global_step:06d}", pca, self.pca_key, caption
-            )
+            save_picture(trainer, "attention_maps", f"pca_step{step:06d}", pca, self.pca_key, pca_caption)
         return grid
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if should_evaluate(trainer, self.every_n_epochs):
-            self.render(trainer, pl_module)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.render(trainer, pl_module)

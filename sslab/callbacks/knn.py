@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from sslab.augment import eval_view
-from sslab.callbacks.common import eval_features, evaluation_off, log_eval, should_evaluate
+from sslab.callbacks.common import FeatureEvaluation, log_eval
 from sslab.callbacks.pictures import neighbour_grid, save_picture
 from sslab.evaluation.knn import knn_accuracy, knn_search
 
 
-class KNNEval(pl.Callback):
+class KNNEval(FeatureEvaluation):
     """Logs ``eval/knn_top1`` (k=``k``) and ``eval/knn_top1_k{k'}`` for each ``extra_k``, every
     ``every_n_epochs`` epochs and once more at the end of the run.
 
@@ -26,8 +26,8 @@ class KNNEval(pl.Callback):
 
     def __init__(
         self,
-        k: int = 20,
-        temperature: float = 0.07,
+        k: int,
+        temperature: float,
         extra_k: Sequence[int] = (),
         every_n_epochs: int = 1,
         neighbours: bool | str = "auto",
@@ -37,30 +37,17 @@ class KNNEval(pl.Callback):
         max_size: int = 1024,
         skip: bool = False,
     ):
-        self.k, self.temperature, self.extra_k, self.every_n_epochs = (
-            k,
-            temperature,
-            list(extra_k),
-            every_n_epochs,
-        )
+        super().__init__(every_n_epochs, skip)  # skip: trainer=debug, off, said in one line
+        self.k, self.temperature, self.extra_k = k, temperature, list(extra_k)
         self.neighbours, self.num_queries, self.num_neighbours = neighbours, num_queries, num_neighbours
         self.neighbours_key, self.max_size = neighbours_key, max_size
-        self.skip = skip  # trainer=debug: off, said in one line
-        self.last_step = -1
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        evaluation_off(trainer, pl_module, self.skip)  # says once, at the start, why evaluation will not run
-
-    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.last_step == trainer.global_step or evaluation_off(trainer, pl_module, self.skip):
-            return
-        self.last_step = trainer.global_step
-        f = eval_features(trainer, pl_module)
+    def score(self, trainer: pl.Trainer, pl_module: pl.LightningModule, f: dict[str, torch.Tensor]) -> None:
         metrics = {}
         for k in [self.k, *self.extra_k]:
             acc = knn_accuracy(f["bank"], f["bank_labels"], f["test"], f["test_labels"], k, self.temperature)
             metrics["eval/knn_top1" if k == self.k else f"eval/knn_top1_k{k}"] = acc
-        log_eval(trainer, pl_module, metrics)
+        log_eval(trainer, metrics)
         if self.draws_neighbours(pl_module):
             self.draw_neighbours(trainer, pl_module, f)
 
@@ -99,10 +86,3 @@ class KNNEval(pl.Callback):
             trainer, "neighbours", f"step{trainer.global_step:06d}", grid, self.neighbours_key, caption
         )
         return grid
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if should_evaluate(trainer, self.every_n_epochs):
-            self.evaluate(trainer, pl_module)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.evaluate(trainer, pl_module)

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sslab.callbacks.common import eval_features, evaluation_off, log_eval, should_evaluate
+from sslab.callbacks.common import FeatureEvaluation, log_eval
 from sslab.evaluation.linear import train_linear_probe
 
 
-class OnlineLinearProbe(pl.Callback):
+class OnlineLinearProbe(FeatureEvaluation):
     """BatchNorm (no affine) + Linear on the features each training step returns; ``eval/linear_top1`` is
     its accuracy on the test split, at the same times as k-NN.
 
@@ -30,12 +30,11 @@ class OnlineLinearProbe(pl.Callback):
         bank_epochs: int = 100,
         skip: bool = False,
     ) -> None:
-        self.lr, self.weight_decay, self.every_n_epochs = lr, weight_decay, every_n_epochs
-        self.bank_epochs, self.skip = bank_epochs, skip  # skip: trainer=debug, off, said in one line
+        super().__init__(every_n_epochs, skip)  # skip: trainer=debug, off, said in one line
+        self.lr, self.weight_decay, self.bank_epochs = lr, weight_decay, bank_epochs
         self.probe: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._pending_state: dict[str, Any] | None = None
-        self.last_step = -1
 
     def _build(self, dim: int, num_classes: int, device: torch.device) -> None:
         self.probe = nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, num_classes)).to(device)
@@ -63,14 +62,7 @@ class OnlineLinearProbe(pl.Callback):
             self.optimizer.step()
         pl_module.log("train/probe_loss", loss.detach())
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        evaluation_off(trainer, pl_module, self.skip)  # says once, at the start, why evaluation will not run
-
-    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.last_step == trainer.global_step or evaluation_off(trainer, pl_module, self.skip):
-            return
-        self.last_step = trainer.global_step
-        f = eval_features(trainer, pl_module)
+    def score(self, trainer: pl.Trainer, pl_module: pl.LightningModule, f: dict[str, torch.Tensor]) -> None:
         if self.probe is None:  # no labelled training batch (data.eval_path): fit on the labelled bank
             probe = train_linear_probe(
                 f["bank"], f["bank_labels"], epochs=self.bank_epochs, lr=self.lr, seed=pl_module.seed
@@ -82,16 +74,7 @@ class OnlineLinearProbe(pl.Callback):
             with torch.no_grad():
                 pred = self.probe(f["test"].to(pl_module.device)).argmax(1).cpu()
             self.probe.train()
-        log_eval(
-            trainer, pl_module, {"eval/linear_top1": 100.0 * (pred == f["test_labels"]).float().mean().item()}
-        )
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if should_evaluate(trainer, self.every_n_epochs):
-            self.evaluate(trainer, pl_module)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.evaluate(trainer, pl_module)
+        log_eval(trainer, {"eval/linear_top1": 100.0 * (pred == f["test_labels"]).float().mean().item()})
 
     def state_dict(self) -> dict[str, Any]:
         if self.probe is None:

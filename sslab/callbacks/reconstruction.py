@@ -17,7 +17,7 @@ from PIL import Image
 from pytorch_lightning.loggers import WandbLogger
 from torchvision.utils import make_grid
 
-from sslab.callbacks.common import should_evaluate
+from sslab.callbacks.common import PeriodicCallback
 
 
 def image_grid(columns: dict[str, torch.Tensor], min_size: int = 96, padding: int = 2) -> torch.Tensor:
@@ -38,7 +38,7 @@ def save_png(grid: torch.Tensor, path: Path) -> None:
     Image.fromarray(array).save(path)
 
 
-class ReconstructionImages(pl.Callback):
+class ReconstructionImages(PeriodicCallback):
     """Every ``every_n_epochs`` epochs and at the end of training: reconstruct the first ``num_images`` test
     images (the same images and masks each time, drawn from ``seed``), save
     ``<run dir>/images/reconstruction_step<N>.png`` and log it to W&B as ``key``."""
@@ -46,8 +46,8 @@ class ReconstructionImages(pl.Callback):
     def __init__(
         self, num_images: int = 8, every_n_epochs: int = 1, seed: int = 0, key: str = "images/reconstruction"
     ) -> None:
-        self.num_images, self.every_n_epochs, self.seed, self.key = num_images, every_n_epochs, seed, key
-        self.last_step = -1
+        super().__init__(every_n_epochs)
+        self.num_images, self.seed, self.key = num_images, seed, key
         self.saved: list[Path] = []
 
     def fixed_images(self, trainer: pl.Trainer) -> torch.Tensor:
@@ -56,12 +56,11 @@ class ReconstructionImages(pl.Callback):
         n = min(self.num_images, len(dm.test_set))
         return torch.stack([dm.test_set[i]["image"] for i in range(n)])
 
-    def log_images(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        reconstruct = getattr(pl_module, "reconstruct", None)
-        if reconstruct is None or not trainer.is_global_zero or self.last_step == trainer.global_step:
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not pl_module.reconstructs or not trainer.is_global_zero:
             return
-        self.last_step = step = trainer.global_step
-        columns = reconstruct(self.fixed_images(trainer), seed=self.seed)
+        step = trainer.global_step
+        columns = pl_module.reconstruct(self.fixed_images(trainer), seed=self.seed)
         grid = image_grid(columns)
         path = Path(trainer.default_root_dir) / "images" / f"reconstruction_step{step:06d}.png"
         save_png(grid, path)
@@ -70,10 +69,3 @@ class ReconstructionImages(pl.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(self.key, [grid.permute(1, 2, 0).numpy()], step=step, caption=[caption])
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if should_evaluate(trainer, self.every_n_epochs):
-            self.log_images(trainer, pl_module)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.log_images(trainer, pl_module)

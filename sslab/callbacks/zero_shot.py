@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info
 
-from sslab.callbacks.common import extract_sharded, log_eval, should_evaluate
+from sslab.callbacks.common import PeriodicCallback, extract_sharded, log_eval
 from sslab.evaluation.zero_shot import has_text_tower, top1
 
 
-class ZeroShotEval(pl.Callback):
+class ZeroShotEval(PeriodicCallback):
     """Logs ``eval/zero_shot_top1`` every ``every_n_epochs`` epochs and once more at the end of the run.
 
     A method without a text tower is skipped with a one-line note, so ``callbacks=[...,zero_shot]`` can be
@@ -17,8 +17,7 @@ class ZeroShotEval(pl.Callback):
     """
 
     def __init__(self, every_n_epochs: int = 1) -> None:
-        self.every_n_epochs = every_n_epochs
-        self.last_step = -1
+        super().__init__(every_n_epochs)
         self.noted = False
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -27,18 +26,8 @@ class ZeroShotEval(pl.Callback):
                 rank_zero_info(f"zero_shot: {type(pl_module).__name__} has no text tower; callback skipped")
                 self.noted = True
             return
-        if self.last_step == trainer.global_step:
-            return
-        self.last_step = trainer.global_step
         dm = trainer.datamodule
         _, test_loader = dm.eval_dataloaders()
         images, labels = extract_sharded(pl_module.encode_image_uint8, test_loader)
         acc = top1(images, labels, pl_module.class_embeddings(dm.class_names))
-        log_eval(trainer, pl_module, {"eval/zero_shot_top1": acc})
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if should_evaluate(trainer, self.every_n_epochs):
-            self.evaluate(trainer, pl_module)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.evaluate(trainer, pl_module)
+        log_eval(trainer, {"eval/zero_shot_top1": acc})

@@ -84,12 +84,13 @@ def knn_predict(
     bank: torch.Tensor,
     bank_labels: torch.Tensor,
     queries: torch.Tensor,
-    k: int = 20,
-    temperature: float = 0.07,
+    k: int,
+    temperature: float,
     num_classes: int | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Class scores (Q, C) from the exp(sim / T)-weighted vote of the k nearest bank features."""
+    """Class scores (Q, C) from the exp(sim / T)-weighted vote of the k nearest bank features (k and T:
+    conf/knn/default.yaml, read by the knn callback and eval.py)."""
     bank = F.normalize(bank.float(), dim=1)
     queries = F.normalize(queries.float(), dim=1)
     bank_labels = bank_labels.cpu().long()
@@ -107,8 +108,8 @@ def knn_accuracy(
     bank_labels: torch.Tensor,
     queries: torch.Tensor,
     query_labels: torch.Tensor,
-    k: int = 20,
-    temperature: float = 0.07,
+    k: int,
+    temperature: float,
     backend: str = "auto",
 ) -> float:
     """Top-1 accuracy in percent."""

@@ -13,13 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from sslab.evaluation.features import extract
+from sslab.methods.base import SSLMethod
 
 
-def has_text_tower(model: object) -> bool:
-    """Whether ``model`` can be evaluated zero-shot (an image-text method such as WSP)."""
-    return callable(getattr(model, "encode_image_uint8", None)) and callable(
-        getattr(model, "class_embeddings", None)
-    )
+def has_text_tower(model: SSLMethod) -> bool:
+    """Whether ``model`` can be evaluated zero-shot (an image-text method such as WSP: ``zero_shot``)."""
+    return model.zero_shot
 
 
 def zero_shot_predict(image_features: torch.Tensor, class_features: torch.Tensor) -> torch.Tensor:

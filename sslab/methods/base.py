@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,10 +12,12 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from sslab import hooks
 from sslab.augment import eval_view
 from sslab.backbones import Backbone
 from sslab.backbones.flexi import draw_patch_size, flexible_backbones
 from sslab.errors import SSLabError
+from sslab.eval_mode import eval_mode
 from sslab.modules.collapse import effective_rank, feature_std
 from sslab.modules.lars import LARS
 from sslab.modules.param_groups import adamw_param_groups
@@ -25,6 +27,7 @@ from sslab.modules.schedules import (
     LinearWarmupSchedule,
     extend_cosine,
 )
+from sslab.training_shell import check_finite_loss, step_seed
 
 log = logging.getLogger(__name__)
 SCHEDULE_TYPES = {
@@ -53,10 +56,6 @@ class DataSpec:
     channels: int = 3  # the data's own channels (1 for greyscale), before the views repeat grey to RGB
 
 
-class NonFiniteLossError(SSLabError):
-    pass
-
-
 class SSLMethod(pl.LightningModule):
     """Base LightningModule. A subclass implements ``make_views``, ``step`` and ``embed`` and may add schedules.
 
@@ -68,33 +67,45 @@ class SSLMethod(pl.LightningModule):
     hand each step, and stored in checkpoints so that a resumed run continues them exactly.
     ``optimizer=lars`` swaps AdamW for LARS (``sslab.modules.lars``; VICReg's recipe, trust coefficient
     ``lars_eta``, momentum ``lars_momentum``) over the same groups, with the same lr and wd schedules.
+
+    Hyperparameters have one source, ``conf/method/<name>.yaml``: what a method yaml sets is a required
+    keyword argument here and in the subclasses; only settings no yaml needs to name keep a code default.
     """
 
-    requires_masking: bool = False
-    required_keys: tuple[str, ...] = ("image",)
-    flexi_patch_size: int | None = None  # this step's FlexiViT patch size (logged as train/patch_size)
+    # -- what a method declares (class attributes; the callbacks and eval.py read them, never probe) --------
+    requires_masking: bool = False  # the backbone must take ``mask=`` / ``keep=`` (ViTs)
+    required_keys: tuple[str, ...] = ("image",)  # batch keys the DataModule must provide
     supports_flexi: bool = True  # False where the method's targets are tied to one patch size (MAE pixels)
     view_key: str = "image"  # the batch key the view pipeline reads (TOV-VICReg: "frames")
     weight_decay_rule: str = "timm"  # which parameters get no weight decay (modules.param_groups)
     lr_warmup_linspace: bool = False  # True: the lr reaches its peak at the last warm-up step (DINO, DINOv2)
+    # Optional capabilities: a method that has one sets the flag and implements what it names.
+    reconstructs: bool = False  # ``reconstruct(images_uint8, seed)`` -> picture columns (MAE, DiffMAE)
+    zero_shot: bool = False  # ``encode_image_uint8`` + ``class_embeddings`` (a text tower: WSP)
+    probe_batchnorm: bool = False  # linear probes put BatchNorm (no affine) before the layer (MAE)
+    embed_pool: str = "cls"  # what ``embed`` pools (cls | mean); fine-tuning pools the same way
+    flexi_patch_size: int | None = None  # this step's FlexiViT patch size (logged as train/patch_size)
+    resume_step: int | None = None  # the checkpoint's step when resumed (set by the training run)
 
     def __init__(
         self,
         backbone: Backbone,
         data: DataSpec,
-        base_lr: float = 5e-4,
-        min_lr: float = 1e-6,
-        warmup_epochs: float = 10,
-        weight_decay: float = 0.04,
+        *,
+        base_lr: float,
+        min_lr: float,
+        warmup_epochs: float,
+        weight_decay: float,
         weight_decay_end: float | None = None,
-        betas: tuple[float, float] = (0.9, 0.999),
-        grad_clip: float | None = None,
+        betas: tuple[float, float],
+        grad_clip: float | None,
         layer_decay: float | None = None,
         patch_embed_lr_mult: float = 1.0,
         lr_scaling: str = "linear_wrt_256",
-        optimizer: str = "adamw",
+        optimizer: str,
         lars_momentum: float = 0.9,
         lars_eta: float = 0.001,
+        views: dict[str, Any] | None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -122,6 +133,7 @@ class SSLMethod(pl.LightningModule):
             )
         self.optimizer_name, self.lars_momentum, self.lars_eta = optimizer, lars_momentum, lars_eta
         self.seed = seed
+        self.view_cfg = dict(views or {})  # the method's ``views`` settings, read by ``make_views``
         self.views = self.make_views()
         self.schedules: dict[str, Any] = {}
         self.steps_per_epoch = 1
@@ -139,10 +151,10 @@ class SSLMethod(pl.LightningModule):
     ) -> SSLMethod:
         """Build ``conf/method/<method>.yaml`` (default: the one whose class is ``cls``) around any ``nn.Module``
         returning (B, D) features, or a backbone name, for the user's own ``pl.Trainer().fit(model, dm)``;
-        ``data`` is that DataModule (or a data config name / ``DataSpec``). See ``sslab.api.method_from_config``."""
-        from sslab.api import method_from_config  # the config tree lives with the entry points
-
-        return method_from_config(cls, method, backbone, data, embed_dim, **overrides)
+        ``data`` is that DataModule (or a data config name / ``DataSpec``). The work needs the config tree and
+        the builders, which sit on the floors above: ``sslab.api.method_from_config`` does it and hands itself
+        down through ``sslab.hooks`` when ``sslab`` is imported."""
+        return hooks.method_from_config(cls, method, backbone, data, embed_dim, **overrides)
 
     # -- what a method provides --------------------------------------------------------------------
     def make_views(self) -> nn.Module:
@@ -161,7 +173,20 @@ class SSLMethod(pl.LightningModule):
         return self.backbone
 
     def extra_schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, Any]:
+        """The method's own per-step schedules (teacher momentum, temperatures) beside lr and weight decay."""
         return {}
+
+    def reconstruct(self, images: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
+        """With ``reconstructs``: {column name: (B, 3, H, W) in [0, 1]} for uint8 ``images``."""
+        raise NotImplementedError(f"{type(self).__name__} does not reconstruct images")
+
+    def encode_image_uint8(self, images: torch.Tensor) -> torch.Tensor:
+        """With ``zero_shot``: (B, E) normalised image embeddings in the text tower's space."""
+        raise NotImplementedError(f"{type(self).__name__} has no text tower")
+
+    def class_embeddings(self, class_names: Sequence[str]) -> torch.Tensor:
+        """With ``zero_shot``: (C, E) zero-shot classifier from the class names."""
+        raise NotImplementedError(f"{type(self).__name__} has no text tower")
 
     def init_backbone_from(self, ckpt_path: str) -> None:
         """Start from another run's evaluation encoder (``init_from``); an EMA teacher starts equal to it."""
@@ -181,18 +206,14 @@ class SSLMethod(pl.LightningModule):
     ) -> torch.Tensor:
         """Features of raw uint8 images through the deterministic evaluation view, in eval mode; ``features``
         (default ``embed``) maps the normalised float images to (B, D)."""
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             x = eval_view(images.to(self.device), self.data.image_size, self.data.mean, self.data.std)
             return (features or self.embed)(x).float()
-        finally:
-            self.train(was_training)
 
     # -- batch flow ----------------------------------------------------------------------------------
     def step_seed(self, step: int) -> int:
         """Every random draw of a training step comes from a seed fixed by (seed, step, rank)."""
-        return (self.seed * 1_000_003 + step * 1009 + self.global_rank) % (2**63 - 1)
+        return step_seed(self.seed, step, self.global_rank)
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         if self.trainer is not None and self.trainer.training:
@@ -220,11 +241,12 @@ class SSLMethod(pl.LightningModule):
         self.trained_step = self.global_step  # schedules index the step being trained, also after it
         out = self.step(batch)
         loss = out["loss"]
-        if not torch.isfinite(loss.detach()).item():
-            raise NonFiniteLossError(
-                f"loss is {loss.item()} at step {self.global_step}; the run stopped before applying it and the "
-                "last checkpoint is kept. Lower method.base_lr or set method.grad_clip, then resume=auto"
-            )
+        check_finite_loss(
+            loss,
+            self.global_step,
+            "the run stopped before applying it and the last checkpoint is kept. Lower method.base_lr or set "
+            "method.grad_clip, then resume=auto",
+        )
         self.log("train/loss", loss.detach(), prog_bar=True)
         logs = {f"train/{k}": v for k, v in out.get("logs", {}).items()}
         logs.update({f"train/{k}": s(self.global_step) for k, s in self.schedules.items()})
@@ -268,20 +290,12 @@ class SSLMethod(pl.LightningModule):
             1, len(dm.train_set) // (dm.batch_size * world) // trainer.accumulate_grad_batches
         )
         total = int(trainer.estimated_stepping_batches)
-        warmup = int(self.warmup_epochs * self.steps_per_epoch)
-        peak_lr = self.base_lr * LR_SCALINGS[self.lr_scaling](global_batch)
-        configured = {
-            "lr": CosineSchedule(peak_lr, self.min_lr, total, warmup, linspace=self.lr_warmup_linspace),
-            "wd": CosineSchedule(self.weight_decay, self.weight_decay_end, total),
-            **self.extra_schedules(total, self.steps_per_epoch),
-        }
+        configured = self.make_schedules(total, self.steps_per_epoch, global_batch)
         mode = (self.sslab_config or {}).get("resume_schedules", "keep")
         if not self.schedules or mode == "reset":  # a new run, or resume_schedules=reset: this config's
             self.schedules = configured  # indexed by the global step, so they continue from the checkpoint's
         elif mode == "extend":  # the checkpoint's cosines, stretched from the resume step to this run's end
-            step = int(
-                getattr(self, "resume_step", None) or 0
-            )  # set by sslab.runs.training from the checkpoint
+            step = int(self.resume_step or 0)
             self.schedules = {k: extend_cosine(s, step, total) for k, s in self.schedules.items()}
             log.info(
                 "resume_schedules=extend: cosine schedules continue from step %d to step %d", step, total
@@ -294,6 +308,29 @@ class SSLMethod(pl.LightningModule):
                 changed,
             )
         return self.make_optimizer(self.schedules["lr"](0))
+
+    def make_schedules(
+        self, total_steps: int, steps_per_epoch: int, global_batch: int | None = None
+    ) -> dict[str, Any]:
+        """This config's schedules for a run of ``total_steps`` optimizer steps: lr (peak ``base_lr`` scaled
+        by ``global_batch``, unscaled when None), weight decay and the method's ``extra_schedules``."""
+        warmup = int(self.warmup_epochs * steps_per_epoch)
+        scale = 1.0 if global_batch is None else LR_SCALINGS[self.lr_scaling](global_batch)
+        return {
+            "lr": CosineSchedule(
+                self.base_lr * scale, self.min_lr, total_steps, warmup, linspace=self.lr_warmup_linspace
+            ),
+            "wd": CosineSchedule(self.weight_decay, self.weight_decay_end, total_steps),
+            **self.extra_schedules(total_steps, steps_per_epoch),
+        }
+
+    def setup_schedules(
+        self, total_steps: int, steps_per_epoch: int, global_batch: int | None = None
+    ) -> None:
+        """Start this config's schedules (``make_schedules``) for a run of ``total_steps`` steps, as a new
+        run's ``configure_optimizers`` does: what tests and benchmarks call to step a method by hand."""
+        self.steps_per_epoch = steps_per_epoch
+        self.schedules = self.make_schedules(total_steps, steps_per_epoch, global_batch)
 
     def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
         """``optimizer=adamw`` (default) or ``lars`` over ``param_groups``; LARS as VICReg's official

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sslab.augment.multicrop import eval_view
 from sslab.errors import SSLabError
 from sslab.modules.diffmae_decoder import DiffMAEDecoder
 from sslab.modules.diffusion import SCHEDULES, GaussianDiffusion
@@ -54,12 +53,12 @@ class DiffMAE(MAE):
     def __init__(
         self,
         *args,
-        num_timesteps: int = 1000,
-        schedule: str = "cosine",
-        prediction: str = "x0",
-        sample_steps: int = 50,
-        decoder_self_attention: bool = True,
-        condition: str = "top_down",
+        num_timesteps: int,
+        schedule: str,
+        prediction: str,
+        sample_steps: int,
+        decoder_self_attention: bool,
+        condition: str,
         **kwargs,
     ) -> None:
         if schedule not in SCHEDULES:
@@ -70,8 +69,7 @@ class DiffMAE(MAE):
             raise SSLabError(f"method.condition={condition!r}: choose top_down (the paper's) or last")
         if num_timesteps < 1 or sample_steps < 1:
             raise SSLabError("method.num_timesteps and method.sample_steps must be >= 1")
-        self.decoder_self_attention = decoder_self_attention
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, decoder_options={"self_attention": decoder_self_attention}, **kwargs)
         self.prediction = prediction
         self.sample_steps = sample_steps
         self.condition = condition
@@ -79,12 +77,7 @@ class DiffMAE(MAE):
         self.levels = self.context_levels()
 
     def build_decoder(self) -> nn.Module:
-        return DiffMAEDecoder(
-            self.backbone.embed_dim,
-            self.patch_dim,
-            self_attention=self.decoder_self_attention,
-            **self.decoder_cfg,
-        )
+        return DiffMAEDecoder(self.backbone.embed_dim, self.patch_dim, **self.decoder_cfg)
 
     def context_levels(self) -> list[int]:
         """Encoder block whose output each decoder block reads; -1 means the final (normed) output."""
@@ -168,39 +161,28 @@ class DiffMAE(MAE):
             x_t = self.diffusion.posterior_sample(x_t, x0, t, s, torch.randn_like(x_t))
         return x_t, frames
 
-    @torch.no_grad()
-    def reconstruct(
-        self, images: torch.Tensor, seed: int = 0, num_frames: int = 5
-    ) -> dict[str, torch.Tensor]:
+    def picture_columns(self, x: torch.Tensor, num_frames: int = 5) -> dict[str, torch.Tensor]:
         """Columns for the denoising picture, each (B, 3, H, W) in [0, 1]: the masked input, the masked
         patches at ``num_frames`` points of the sampling chain from pure noise (t = T) down, the final
         sample (t = 0), and the original. Visible patches are pasted in; normalised-pixel patches are shown
         with each patch's true mean and std put back."""
-        was_training = self.training
-        self.eval()
-        try:
-            x = eval_view(images.to(self.device), self.data.image_size, self.data.mean, self.data.std)
-            with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-                torch.manual_seed(seed)
-                keep, mask, masked_idx = self.mask_patches(x)
-                sample, frames = self.sample(x, keep, masked_idx, num_frames)
-            _, mean, std = self.pixel_targets(x)
-            mean_m, std_m = self.gather_patches(mean, masked_idx), self.gather_patches(std, masked_idx)
-            pixel_mask = self.patch_mask_image(mask, x)
-            grid = self.grid_of(x)
+        keep, mask, masked_idx = self.mask_patches(x)
+        sample, frames = self.sample(x, keep, masked_idx, num_frames)
+        _, mean, std = self.pixel_targets(x)
+        mean_m, std_m = self.gather_patches(mean, masked_idx), self.gather_patches(std, masked_idx)
+        pixel_mask = self.patch_mask_image(mask, x)
+        grid = self.grid_of(x)
 
-            def paste(masked_patches: torch.Tensor) -> torch.Tensor:
-                full = patchify(self.own_channels(x), self.patch_size).float()
-                values = masked_patches.float() * std_m + mean_m
-                full = full.scatter(1, masked_idx.unsqueeze(-1).expand(-1, -1, full.shape[-1]), values)
-                img = unpatchify(full, self.patch_size, grid, self.target_channels)
-                return self.to_pixels(torch.where(pixel_mask, img.to(x.dtype), x))  # grey: broadcast
+        def paste(masked_patches: torch.Tensor) -> torch.Tensor:
+            full = patchify(self.own_channels(x), self.patch_size).float()
+            values = masked_patches.float() * std_m + mean_m
+            full = full.scatter(1, masked_idx.unsqueeze(-1).expand(-1, -1, full.shape[-1]), values)
+            img = unpatchify(full, self.patch_size, grid, self.target_channels)
+            return self.to_pixels(torch.where(pixel_mask, img.to(x.dtype), x))  # grey: broadcast
 
-            columns = {"masked": self.to_pixels(self.masked_input(x, mask))}
-            for t, x_t in frames:
-                columns[f"t={t}"] = paste(x_t)
-            columns["t=0 (sample)"] = paste(sample)
-            columns["original"] = self.to_pixels(x)
-            return columns
-        finally:
-            self.train(was_training)
+        columns = {"masked": self.to_pixels(self.masked_input(x, mask))}
+        for t, x_t in frames:
+            columns[f"t={t}"] = paste(x_t)
+        columns["t=0 (sample)"] = paste(sample)
+        columns["original"] = self.to_pixels(x)
+        return columns

@@ -10,19 +10,12 @@ from torch import nn
 from sslab.augment.mae_views import MAEViews
 from sslab.augment.multicrop import eval_view
 from sslab.errors import SSLabError
+from sslab.eval_mode import eval_mode
 from sslab.modules.mae_decoder import MAEDecoder
 from sslab.modules.masking import random_masking
 from sslab.modules.patches import masked_mse, normalized_patches, patchify, unpatchify
 
 from .base import SSLMethod
-
-MAE_DEFAULTS = {
-    "base_lr": 1.5e-4,
-    "min_lr": 0.0,
-    "warmup_epochs": 40,
-    "weight_decay": 0.05,
-    "betas": (0.9, 0.95),
-}
 
 
 class MAE(SSLMethod):
@@ -50,6 +43,7 @@ class MAE(SSLMethod):
     """
 
     requires_masking = True
+    reconstructs = True
     probe_batchnorm = True
     weight_decay_rule = "timm"  # main_pretrain.py: optim_factory.add_weight_decay(model, wd), no skip list
     supports_flexi = False  # the decoder's patch size and pixel targets are fixed at construction
@@ -57,15 +51,15 @@ class MAE(SSLMethod):
     def __init__(
         self,
         *args,
-        mask_ratio: float = 0.75,
-        decoder_dim: int = 512,
-        decoder_depth: int = 8,
-        decoder_heads: int = 16,
-        decoder_mlp_ratio: float = 4.0,
-        norm_pix_loss: bool = True,
-        embed_pool: str = "cls",
-        probe_features: str = "full",
-        views: dict[str, Any] | None = None,
+        mask_ratio: float,
+        decoder_dim: int,
+        decoder_depth: int,
+        decoder_heads: int,
+        decoder_mlp_ratio: float,
+        norm_pix_loss: bool,
+        embed_pool: str,
+        probe_features: str,
+        decoder_options: dict[str, Any] | None = None,
         **kwargs,
     ) -> None:
         if not 0.0 < mask_ratio < 1.0:
@@ -74,8 +68,7 @@ class MAE(SSLMethod):
             raise SSLabError(f"method.embed_pool={embed_pool!r}: choose cls or mean")
         if probe_features not in ("full", "visible"):
             raise SSLabError(f"method.probe_features={probe_features!r}: choose full or visible")
-        self.view_cfg = dict(views or {})
-        super().__init__(*args, **{**MAE_DEFAULTS, **kwargs})
+        super().__init__(*args, **kwargs)
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
         self.embed_pool = embed_pool
@@ -90,6 +83,7 @@ class MAE(SSLMethod):
             "depth": decoder_depth,
             "num_heads": decoder_heads,
             "mlp_ratio": decoder_mlp_ratio,
+            **(decoder_options or {}),  # a subclass's decoder settings (DiffMAE: self_attention)
         }
         self.init_encoder()
         self.decoder = self.build_decoder()
@@ -183,28 +177,29 @@ class MAE(SSLMethod):
         return m.repeat_interleave(self.patch_size, 2).repeat_interleave(self.patch_size, 3).bool()
 
     @torch.no_grad()
-    def reconstruct(self, images: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
+    def reconstruct(self, images: torch.Tensor, seed: int = 0, **options: Any) -> dict[str, torch.Tensor]:
+        """Picture columns (``picture_columns``) of uint8 ``images`` through the evaluation view, in eval
+        mode, with the masks (and any noise) drawn from ``seed`` without touching the run's random state."""
+        with eval_mode(self):
+            x = eval_view(images.to(self.device), self.data.image_size, self.data.mean, self.data.std)
+            with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+                torch.manual_seed(seed)
+                return self.picture_columns(x, **options)
+
+    def picture_columns(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Columns for the reconstruction picture, each (B, 3, H, W) in [0, 1]: the masked input, the
         reconstruction (predicted masked patches pasted between the visible ones) and the original.
 
         With ``norm_pix_loss`` the model predicts normalised patches; they are shown with each patch's true
         mean and std put back, as the MAE paper's figures do for such models.
         """
-        was_training = self.training
-        self.eval()
-        try:
-            x = eval_view(images.to(self.device), self.data.image_size, self.data.mean, self.data.std)
-            with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-                torch.manual_seed(seed)
-                fwd = self.forward_masked(x)
-            _, mean, std = self.pixel_targets(x)
-            pred = fwd["pred"].float() * std + mean
-            pred = unpatchify(pred, self.patch_size, self.grid_of(x), self.target_channels).to(x.dtype)
-            pasted = torch.where(self.patch_mask_image(fwd["mask"], x), pred, x)  # grey broadcasts to RGB
-            return {
-                "masked": self.to_pixels(self.masked_input(x, fwd["mask"])),
-                "reconstruction": self.to_pixels(pasted),
-                "original": self.to_pixels(x),
-            }
-        finally:
-            self.train(was_training)
+        fwd = self.forward_masked(x)
+        _, mean, std = self.pixel_targets(x)
+        pred = fwd["pred"].float() * std + mean
+        pred = unpatchify(pred, self.patch_size, self.grid_of(x), self.target_channels).to(x.dtype)
+        pasted = torch.where(self.patch_mask_image(fwd["mask"], x), pred, x)  # grey broadcasts to RGB
+        return {
+            "masked": self.to_pixels(self.masked_input(x, fwd["mask"])),
+            "reconstruction": self.to_pixels(pasted),
+            "original": self.to_pixels(x),
+        }

@@ -26,7 +26,7 @@ class TOVVICReg(VICReg):
     required_keys = ("frames",)
     view_key = "frames"
 
-    def __init__(self, *args, temporal_coeff: float = 1.0, balanced_orders: bool = False, **kwargs) -> None:
+    def __init__(self, *args, temporal_coeff: float, balanced_orders: bool, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.order_head = TemporalOrderHead(self.backbone.embed_dim)
         self.temporal_coeff = temporal_coeff

@@ -52,19 +52,17 @@ class VICReg(SSLMethod):
     def __init__(
         self,
         *args,
-        projector_dims: Sequence[int] = (1024, 1024, 1024),
-        sim_coeff: float = 25.0,
-        std_coeff: float = 25.0,
-        cov_coeff: float = 1.0,
-        views: dict[str, Any] | None = None,
-        bn_stats: str = "per_view",
+        projector_dims: Sequence[int],
+        sim_coeff: float,
+        std_coeff: float,
+        cov_coeff: float,
+        bn_stats: str,
         **kwargs,
     ) -> None:
         if bn_stats not in BN_STATS:
             raise SSLabError(f"method.bn_stats={bn_stats!r}: choose one of {', '.join(BN_STATS)}")
-        self.bn_stats = bn_stats
-        self.view_cfg = dict(views or {})
         super().__init__(*args, **kwargs)
+        self.bn_stats = bn_stats
         self.projector = expander(self.backbone.embed_dim, list(projector_dims))
         self.sim_coeff, self.std_coeff, self.cov_coeff = sim_coeff, std_coeff, cov_coeff
 

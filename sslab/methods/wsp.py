@@ -12,15 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslab.augment.mae_views import MAEViews
-from sslab.augment.multicrop import eval_view
 from sslab.data.text import PROMPT_TEMPLATES, tokenize
 from sslab.errors import SSLabError
+from sslab.eval_mode import eval_mode
 from sslab.modules.clip_loss import LogitScale, clip_loss, prompt_ensemble
 from sslab.modules.text_tower import TextTower
 
 from .base import SSLMethod
-
-WSP_DEFAULTS = {"betas": (0.9, 0.98), "weight_decay": 0.2}  # CLIP's AdamW (Sec. 2.5 / Table 20)
 
 
 class WSP(SSLMethod):
@@ -35,23 +33,22 @@ class WSP(SSLMethod):
     """
 
     weight_decay_rule = "clip"  # OpenCLIP training/main.py
+    zero_shot = True  # encode_image_uint8 + class_embeddings
 
     required_keys = ("image", "text")
 
     def __init__(
         self,
         *args,
-        embed_dim: int = 128,
-        context_length: int = 32,
-        text_width: int = 128,
-        text_depth: int = 2,
-        text_heads: int = 4,
-        text_mlp_ratio: float = 4.0,
-        views: dict[str, Any] | None = None,
+        embed_dim: int,
+        context_length: int,
+        text_width: int,
+        text_depth: int,
+        text_heads: int,
+        text_mlp_ratio: float,
         **kwargs,
     ) -> None:
-        self.view_cfg = dict(views or {})
-        super().__init__(*args, **{**WSP_DEFAULTS, **kwargs})
+        super().__init__(*args, **kwargs)
         self.embed_dim = embed_dim
         self.image_proj = nn.Linear(self.backbone.embed_dim, embed_dim, bias=False)
         nn.init.normal_(self.image_proj.weight, std=self.backbone.embed_dim**-0.5)  # CLIP's proj init
@@ -85,13 +82,7 @@ class WSP(SSLMethod):
     @torch.no_grad()
     def encode_image_uint8(self, images: torch.Tensor) -> torch.Tensor:
         """Image embeddings of raw uint8 images through the evaluation view, in eval mode."""
-        was_training = self.training
-        self.eval()
-        try:
-            x = eval_view(images.to(self.device), self.data.image_size, self.data.mean, self.data.std)
-            return self.encode_image(x).float()
-        finally:
-            self.train(was_training)
+        return self.embed_uint8(images, self.encode_image)
 
     @torch.no_grad()
     def class_embeddings(
@@ -99,15 +90,11 @@ class WSP(SSLMethod):
     ) -> torch.Tensor:
         """(C, embed_dim) zero-shot classifier: every class name in every template through the text tower,
         in eval mode (``sslab.modules.clip_loss.prompt_ensemble`` averages them)."""
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             prompts = [t.format(name) for name in class_names for t in templates]
             tokens = tokenize(prompts, self.context_length).to(self.device)
             feats = self.encode_text(tokens).float().view(len(class_names), len(templates), -1)
             return prompt_ensemble(feats)
-        finally:
-            self.train(was_training)
 
     # -- training ------------------------------------------------------------------------------------
     def step(self, batch: dict[str, Any]) -> dict[str, Any]:

@@ -14,9 +14,8 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import Attention
 from torch import nn
 
-from sslab.backbones.pos_embed import sincos_2d
 from sslab.modules.diffusion import timestep_embedding
-from sslab.modules.mae_decoder import _init_weights
+from sslab.modules.mae_decoder import SinCosTable, _init_weights
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -84,8 +83,7 @@ class DiffMAEDecoder(nn.Module):
         self_attention: bool = True,
     ) -> None:
         super().__init__()
-        if dim % 4:
-            raise ValueError(f"decoder dim must be a multiple of 4 for the 2-D sin-cos embedding, got {dim}")
+        self.pos_embed = SinCosTable(dim)
         self.dim, self.depth = dim, depth
         self.embed = nn.Linear(patch_dim, dim)
         self.time_mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
@@ -95,13 +93,6 @@ class DiffMAEDecoder(nn.Module):
         self.norm = LayerNorm(dim)
         self.pred = nn.Linear(dim, patch_dim)
         self.apply(_init_weights)
-        self._pos: dict[tuple, torch.Tensor] = {}
-
-    def pos_embed(self, grid: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
-        key = (tuple(grid), like.device, like.dtype)
-        if key not in self._pos:
-            self._pos[key] = sincos_2d(self.dim, grid).to(device=like.device, dtype=like.dtype)
-        return self._pos[key]
 
     def forward(
         self,

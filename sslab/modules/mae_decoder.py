@@ -13,6 +13,23 @@ from torch import nn
 from sslab.backbones.pos_embed import sincos_2d
 
 
+class SinCosTable:
+    """The decoders' fixed 2-D sin-cos position table (``sincos_2d``) for a patch grid, cached per (grid,
+    device, dtype): not a parameter or buffer, so checkpoints hold none of it."""
+
+    def __init__(self, dim: int) -> None:
+        if dim % 4:
+            raise ValueError(f"decoder dim must be a multiple of 4 for the 2-D sin-cos embedding, got {dim}")
+        self.dim = dim
+        self.tables: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, grid: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
+        key = (tuple(grid), like.device, like.dtype)
+        if key not in self.tables:
+            self.tables[key] = sincos_2d(self.dim, grid).to(device=like.device, dtype=like.dtype)
+        return self.tables[key]
+
+
 class MAEDecoder(nn.Module):
     """Predicts every patch (B, N, patch_dim) from the encoder output of the visible patches.
 
@@ -32,8 +49,7 @@ class MAEDecoder(nn.Module):
         num_prefix_tokens: int = 1,
     ) -> None:
         super().__init__()
-        if dim % 4:
-            raise ValueError(f"decoder dim must be a multiple of 4 for the 2-D sin-cos embedding, got {dim}")
+        self.pos_embed = SinCosTable(dim)
         self.dim, self.num_prefix_tokens = dim, num_prefix_tokens
         self.embed = nn.Linear(in_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -45,14 +61,6 @@ class MAEDecoder(nn.Module):
         self.pred = nn.Linear(dim, patch_dim)
         self.apply(_init_weights)
         nn.init.normal_(self.mask_token, std=0.02)
-        self._pos: dict[tuple, torch.Tensor] = {}
-
-    def pos_embed(self, grid: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
-        """The fixed sin-cos table for ``grid``, cached per (grid, device, dtype)."""
-        key = (tuple(grid), like.device, like.dtype)
-        if key not in self._pos:
-            self._pos[key] = sincos_2d(self.dim, grid).to(device=like.device, dtype=like.dtype)
-        return self._pos[key]
 
     def forward(self, tokens: torch.Tensor, restore_idx: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         x = self.embed(tokens)

@@ -19,6 +19,14 @@ def warmup_fraction(step: int, warmup: int, linspace: bool) -> float:
     return step / warmup
 
 
+def warmup_then_cosine(s: CosineSchedule, step: int, progress: float) -> float:
+    """The value both cosines share: the linear warm-up before ``s.warmup_steps``, after it the half-cosine
+    from ``s.base`` to ``s.final`` at ``progress`` in [0, 1] (which each schedule measures its own way)."""
+    if step < s.warmup_steps:
+        return s.warmup_start + (s.base - s.warmup_start) * warmup_fraction(step, s.warmup_steps, s.linspace)
+    return s.final + 0.5 * (s.base - s.final) * (1.0 + math.cos(math.pi * progress))
+
+
 @dataclass(frozen=True)
 class CosineSchedule:
     """Linear warm-up from ``warmup_start`` to ``base`` then half-cosine from ``base`` to ``final``.
@@ -41,13 +49,8 @@ class CosineSchedule:
     linspace: bool = False
 
     def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.warmup_start + (self.base - self.warmup_start) * warmup_fraction(
-                step, self.warmup_steps, self.linspace
-            )
         span = max(1, self.total_steps - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / span)
-        return self.final + 0.5 * (self.base - self.final) * (1.0 + math.cos(math.pi * progress))
+        return warmup_then_cosine(self, step, min(1.0, (step - self.warmup_steps) / span))
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -81,7 +84,7 @@ class LinearWarmupSchedule:
 
 
 @dataclass(frozen=True)
-class ExtendedCosineSchedule:
+class ExtendedCosineSchedule(CosineSchedule):
     """A ``CosineSchedule`` whose end moved later when a run was resumed with ``resume_schedules=extend``.
 
     Both are value = final + (base - final) * (1 + cos(pi * p)) / 2 of a progress p in [0, 1] past the
@@ -96,12 +99,6 @@ class ExtendedCosineSchedule:
     ended at s (p_s = 1) stays at its final value.
     """
 
-    base: float
-    final: float
-    total_steps: int
-    warmup_steps: int = 0
-    warmup_start: float = 0.0
-    linspace: bool = False
     knots: tuple[tuple[int, float], ...] = ()
 
     def progress(self, step: int) -> float:
@@ -112,28 +109,20 @@ class ExtendedCosineSchedule:
         return 1.0
 
     def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.warmup_start + (self.base - self.warmup_start) * warmup_fraction(
-                step, self.warmup_steps, self.linspace
-            )
-        p = min(1.0, max(0.0, self.progress(step)))
-        return self.final + 0.5 * (self.base - self.final) * (1.0 + math.cos(math.pi * p))
-
-    def state_dict(self) -> dict:
-        return asdict(self)
+        return warmup_then_cosine(self, step, min(1.0, max(0.0, self.progress(step))))
 
 
 def extend_cosine(schedule: object, step: int, total_steps: int) -> object:
     """``schedule`` continued from ``step`` to a later end ``total_steps`` (see ``ExtendedCosineSchedule``).
     Inside the warm-up the cosine simply gets the new end; schedules that are not cosines, or whose end does
     not move later, are returned as they are."""
-    if not isinstance(schedule, CosineSchedule | ExtendedCosineSchedule):
+    if not isinstance(schedule, CosineSchedule):  # ExtendedCosineSchedule is one too
         return schedule
     if total_steps <= schedule.total_steps:
         return schedule
     if step <= schedule.warmup_steps:
         return replace(schedule, total_steps=total_steps)
-    if isinstance(schedule, CosineSchedule):
+    if not isinstance(schedule, ExtendedCosineSchedule):
         span = max(1, schedule.total_steps - schedule.warmup_steps)
         p_s, knots = min(1.0, (step - schedule.warmup_steps) / span), ()
     else:

@@ -168,7 +168,7 @@ def evaluate_model(
         linear_cfg = OmegaConf.to_container(cfg.linear)
         # null: the method decides (MAE's probe: BatchNorm without affine before the linear layer)
         if linear_cfg.get("batchnorm") is None:
-            linear_cfg["batchnorm"] = bool(getattr(model, "probe_batchnorm", False))
+            linear_cfg["batchnorm"] = model.probe_batchnorm
         with Phase(f"linear probe: {linear_cfg['epochs']} epochs on {len(bank)} features"):
             metrics["eval/linear_top1"] = linear_probe_accuracy(
                 bank, bank_y, test, test_y, seed=int(run_cfg.seed), **linear_cfg
@@ -176,7 +176,7 @@ def evaluate_model(
     if "finetune" in evals:
         finetune_cfg = OmegaConf.to_container(cfg.finetune)
         if finetune_cfg.get("pool") is None:  # null: pool as the method's embed does (MAE: embed_pool)
-            finetune_cfg["pool"] = getattr(model, "embed_pool", "cls")
+            finetune_cfg["pool"] = model.embed_pool
         result = finetune(
             model.eval_backbone(),
             dm.bank_set,

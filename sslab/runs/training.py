@@ -24,19 +24,19 @@ from pytorch_lightning.loggers import WandbLogger
 
 from sslab import cluster
 from sslab.build import build_datamodule, build_method
+from sslab.callbacks.common import results_of
 from sslab.callbacks.preemption import Preempted, Preemption
 from sslab.checkpoint_io import WRITTEN, checkpoint_step, save_final_checkpoint
 from sslab.cli import fit_workers, quiet_startup
 from sslab.errors import SSLabError, check_train_config
 from sslab.evaluation.features import extract, raw_pixels
 from sslab.evaluation.knn import knn_accuracy
-from sslab.methods.base import NonFiniteLossError
 from sslab.precision import check_precision, compile_model
 from sslab.progress_lines import Phase, format_duration, is_rank_zero, say
 from sslab.report import print_json_line, print_table
 from sslab.resume import check_resumable, find_resume_checkpoint, vet_checkpoint
 from sslab.rundir import acquire_run_dir, release_run_dir, remove_stale_temporaries
-from sslab.training_shell import last_checkpoint, make_trainer
+from sslab.training_shell import NonFiniteLossError, last_checkpoint, make_trainer
 
 quiet_startup()  # also when train() is called without train.py (pipelines, tests)
 
@@ -259,16 +259,16 @@ def _train(cfg: DictConfig, run_dir: Path, limit: str = "") -> dict[str, Any]:
     save_final_checkpoint(trainer, last_checkpoint(run_dir))
     in_sync = cluster.ranks_in_sync(model)
 
-    metrics: dict[str, Any] = dict(getattr(model, "eval_results", {}))
+    metrics: dict[str, Any] = dict(results_of(trainer).metrics)
     metrics.update(
         {"train_time_s": round(elapsed, 1), "global_step": trainer.global_step, "run_dir": str(run_dir)}
     )
     metrics.update({"world_size": trainer.world_size, "ranks_in_sync": in_sync})
     if ckpt:
         metrics["resumed_from"] = str(ckpt)
-    knn_cfg = (cfg.get("callbacks") or {}).get("knn") or {"k": 20, "temperature": 0.07}
+    knn_cfg = (cfg.get("callbacks") or {}).get("knn")  # baselines for the k-NN this run reports
     evaluation_on = not cfg.get("skip_evaluation") and not getattr(dm, "eval_off_reason", None)
-    if cfg.final_eval.baselines and evaluation_on and trainer.is_global_zero:
+    if knn_cfg and cfg.final_eval.baselines and evaluation_on and trainer.is_global_zero:
         base = baseline_knn(cfg, dm, knn_cfg["k"], knn_cfg["temperature"])
         metrics.update({f"baseline/{k}_knn_top1": v for k, v in base.items()})
     eval_time = time.perf_counter() - train_end
