@@ -60,6 +60,8 @@ class ObservationViews(nn.Module):
     ) -> None:
         super().__init__()
         self.size, self.mean, self.std = size, list(mean), list(std)
+        self.photometric = dict(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)
+        self.jitter_p, self.grayscale_p = jitter_p, grayscale_p
         if crop not in ("resized", "shift", "none"):
             raise SSLabError(f"method.views.crop={crop!r}: choose resized, shift or none")
         pipelines = []
@@ -96,28 +98,15 @@ class TemporalViews(nn.Module):
     "adjacent": [o_{t-1}, o_{t+1}]}. Neighbours get no crop (the evaluation's centre crop to ``size``) and
     only the photometric jitter / greyscale, as in the official code."""
 
-    def __init__(
-        self,
-        size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        brightness: float = 0.4,
-        contrast: float = 0.4,
-        saturation: float = 0.0,
-        hue: float = 0.0,
-        jitter_p: float = 0.8,
-        grayscale_p: float = 0.0,
-        **view_kwargs,
-    ) -> None:
+    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float], **view_kwargs) -> None:
+        """``view_kwargs`` are ``ObservationViews``' (its defaults are the one source); the neighbours take
+        its photometric settings."""
         super().__init__()
         self.size, self.mean, self.std = size, list(mean), list(std)
-        photometric = dict(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)
-        self.current = ObservationViews(
-            size, mean, std, jitter_p=jitter_p, grayscale_p=grayscale_p, **photometric, **view_kwargs
-        )
-        ops = _jitter(**photometric, p=jitter_p)
-        if grayscale_p > 0:
-            ops.append(K.RandomGrayscale(p=grayscale_p))
+        self.current = ObservationViews(size, mean, std, **view_kwargs)
+        ops = _jitter(**self.current.photometric, p=self.current.jitter_p)
+        if self.current.grayscale_p > 0:
+            ops.append(K.RandomGrayscale(p=self.current.grayscale_p))
         self.adjacent = nn.Sequential(*ops)
 
     @torch.no_grad()
