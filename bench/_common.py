@@ -193,6 +193,26 @@ def profile_op_groups(fn: Callable[[], object], steps: int) -> dict[str, float]:
     return out
 
 
+def add_profile_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also profile STEPS model-only steps of each side (torch.profiler): ms per op group",
+    )
+
+
+def profile_model_only(variants: Mapping[str, Callable[[], object]], steps: int) -> None:
+    """``--profile``: the op-group table of the "sslab, model only" and "lightly, model only" variants."""
+    if steps:
+        print(f"where a model-only step's time goes (torch.profiler, self CPU time, {steps} steps each):\n")
+        print_profile(
+            {s: profile_op_groups(variants[f"{s}, model only"], steps) for s in ("sslab", "lightly")}
+        )
+        print()
+
+
 def print_profile(sides: Mapping[str, Mapping[str, float]]) -> None:
     """One row per op group, one column per side: ms per step and share of that side's step."""
     names = list(next(iter(sides.values())))

@@ -37,12 +37,12 @@ import torch
 from _common import (
     CONF_DIR,
     add_common_args,
+    add_profile_arg,
     environment,
     median,
     print_json,
     print_markdown_table,
-    print_profile,
-    profile_op_groups,
+    profile_model_only,
     setup,
     spread,
     time_interleaved,
@@ -70,13 +70,7 @@ def parse_args() -> argparse.Namespace:
         help="extra Hydra override for our config, e.g. backbone=vit_s or method.decoder_depth=8 (repeatable); "
         "lightly follows it",
     )
-    p.add_argument(
-        "--profile",
-        type=int,
-        default=0,
-        metavar="STEPS",
-        help="also profile STEPS model-only steps of each side (torch.profiler): ms per op group",
-    )
+    add_profile_arg(p)
     add_common_args(p, warmup=2, reps=10, per_sample_baseline=True)
     return p.parse_args()
 
@@ -245,14 +239,7 @@ def main() -> None:
     speedup_views = sec["lightly, with views"] / sec["sslab, with views"]
     speedup_model = sec["lightly, model only"] / sec["sslab, model only"]
     print(f"\nsslab vs lightly: {speedup_views:.2f}x with views, {speedup_model:.2f}x model only\n")
-    if args.profile:
-        print(
-            f"where a model-only step's time goes (torch.profiler, self CPU time, {args.profile} steps each):\n"
-        )
-        print_profile(
-            {s: profile_op_groups(variants[f"{s}, model only"], args.profile) for s in ("sslab", "lightly")}
-        )
-        print()
+    profile_model_only(variants, args.profile)
     import lightly
 
     print_json(
