@@ -26,6 +26,20 @@ def test_dino_head_gain_trainable_without_norm_last_layer():
     assert head.last_layer.parametrizations.weight.original0.requires_grad
 
 
+def test_bn_head_on_patch_tokens_normalises_features_over_batch_and_tokens():
+    """iBOT's teacher projects (B, N, D) patch tokens. With BatchNorm in the head, each feature is normalised
+    over all B * N tokens (iBOT's ``CustomSequential`` permutes the tokens into BatchNorm's length axis);
+    before this the 3-D input put the N tokens in BatchNorm's channel axis and crashed."""
+    torch.manual_seed(0)
+    head = DINOHead(16, out_dim=32, hidden_dim=24, bottleneck_dim=8, use_bn=True).train()
+    tokens = torch.randn(5, 7, 16)
+    out = head(tokens)
+    assert out.shape == (5, 7, 32)
+    assert torch.allclose(out, head(tokens.reshape(35, 16)).reshape(5, 7, 32), atol=1e-6)
+    bn = next(m for m in head.mlp if isinstance(m, nn.BatchNorm1d))
+    assert bn.running_mean.shape == (24,)
+
+
 def test_ema_update_formula():
     teacher, student = nn.Linear(2, 1), nn.Linear(2, 1)
     with torch.no_grad():

@@ -47,7 +47,10 @@ class DINOHead(nn.Module):
             gain.requires_grad = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.mlp(x)
+        """``x`` is (..., in_dim): CLS features (B, D) or patch tokens (B, N, D). The MLP sees the tokens
+        flattened, so with ``use_bn`` BatchNorm normalises each feature over the batch and the tokens, as
+        iBOT's head does for token inputs (``models/head.py``, ``CustomSequential``)."""
+        x = self.mlp(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
         x = F.normalize(x, dim=-1, p=2, eps=1e-6 if x.dtype == torch.float16 else 1e-12)
         return self.last_layer(x)
 
