@@ -131,7 +131,7 @@ def test_bad_options_are_refused(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["method.prediction=eps", "method.schedule=linear"]])
+@pytest.mark.parametrize("extra", [[], ["method.prediction=eps", "method.schedule=cosine"]])
 def test_diffmae_trains_end_to_end_with_falling_loss_and_pictures(tmp_path, extra):
     from sslab.runs.training import train
 

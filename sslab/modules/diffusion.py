@@ -49,7 +49,7 @@ class GaussianDiffusion(nn.Module):
     """Holds ``alpha_bar`` (T + 1,) as a buffer and implements the closed-form forward process and the
     DDPM posterior between any two timesteps s < t (for sampling with fewer steps than T)."""
 
-    def __init__(self, schedule: str = "cosine", num_steps: int = 1000) -> None:
+    def __init__(self, schedule: str, num_steps: int) -> None:
         super().__init__()
         self.schedule, self.num_steps = schedule, num_steps
         self.register_buffer("alpha_bar", make_alpha_bar(schedule, num_steps).float(), persistent=False)
