@@ -42,10 +42,10 @@ install-bench: install
 train: install
 	$(PYTHON) train.py
 
-# The suite on TEST_WORKERS pytest-xdist workers, each test file whole on one worker (module fixtures run once;
-# the SLURM cluster, the gloo groups and the run directories of one file never meet another file's). One torch
-# thread per worker: two workers with two threads each would ask 2 cores for 4. On 2 cores this took
-# `make test` from 32 to 14.5 minutes (README, Tests). TEST_WORKERS=0 runs it in this process, serially.
+# The suite on TEST_WORKERS pytest-xdist workers, each test file whole on one worker, so a module fixture (the
+# SLURM cluster, a run shared by a file's tests) still starts once. One torch thread per worker: two workers
+# with two threads each would ask 2 cores for 4. On 2 cores, 14.5 minutes instead of 32 (README, Tests).
+# TEST_WORKERS=0 runs it in this process, serially.
 TEST_WORKERS ?= 2
 PYTEST := OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
