@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import time
 import warnings
 
 import numpy as np
@@ -53,6 +54,7 @@ from _common import (
     profile_model_only,
     setup,
     spread,
+    sync,
     time_interleaved,
     torch_threads,
 )
@@ -63,6 +65,7 @@ from torch import nn
 from sslab.build import build_backbone, build_datamodule, build_method
 from sslab.methods.base import clip_per_tensor_
 from sslab.modules.ema import ema_update_
+from sslab.precision import compile_model
 
 warnings.filterwarnings("ignore", message=r".*weight_norm.*")  # lightly's head uses the old weight_norm
 
@@ -81,6 +84,11 @@ def parse_args() -> argparse.Namespace:
         action="append",
         default=[],
         help="extra Hydra override for our config, e.g. backbone=vit_s (repeatable); lightly follows it",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time sslab under compile=true (torch.compile of each ViT block); compile time reported apart",
     )
     add_profile_arg(p)
     add_common_args(p, warmup=1, reps=5, per_sample_baseline=True)
@@ -232,6 +240,26 @@ class LightlySide:
         return loss
 
 
+def compiled_side(
+    cfg, dm, device: torch.device, images: torch.Tensor, views: list[torch.Tensor], seed: int
+) -> tuple[SSLabSide, float]:
+    """sslab's side again, with the blocks compiled as ``compile=true`` does, and the seconds its compilation
+    took: the first two steps (forward and backward graphs; a possible recompile for the no-grad teacher)
+    minus two steady ones."""
+    torch.manual_seed(seed)
+    side = SSLabSide(cfg, dm, device)
+    compile_model(side.model, "gpu" if device.type == "cuda" else "cpu")
+    seconds = []
+    for _ in range(2):  # the compiling pair, then a steady pair
+        sync(device)
+        start = time.perf_counter()
+        side.step(images, views)
+        side.step(images, views)
+        sync(device)
+        seconds.append(time.perf_counter() - start)
+    return side, max(0.0, seconds[0] - seconds[1])
+
+
 def main() -> None:
     args = parse_args()
     device = setup(args)
@@ -271,6 +299,9 @@ def main() -> None:
             f"view shapes differ: ours {[tuple(v.shape) for v in fixed_views]}, lightly {lightly_shapes}"
         )
 
+    compiled, compile_s = (
+        (compiled_side(cfg, dm, device, images, fixed_views, args.seed)) if args.compile else (None, 0.0)
+    )
     variants = {
         "sslab, with views": lambda: ours.step(images),
         "lightly, with views": lambda: theirs.step(images),
@@ -278,6 +309,9 @@ def main() -> None:
         "lightly, model only": lambda: theirs.step(images, fixed_views),
         "lightly, model only, crops batched": lambda: theirs.step(images, fixed_views, batched=True),
     }
+    if compiled is not None:
+        variants["sslab compile=true, with views"] = lambda: compiled.step(images)
+        variants["sslab compile=true, model only"] = lambda: compiled.step(images_dev, fixed_views)
     times = time_interleaved(variants, args.warmup, args.reps, device)
     sec = {k: median(v) for k, v in times.items()}
     ips = {k: b / s for k, s in sec.items()}
@@ -312,6 +346,19 @@ def main() -> None:
         f"\nsslab vs lightly: {speedup_views:.2f}x with views, {speedup_model:.2f}x model only "
         f"({speedup_batched:.2f}x against lightly with crops batched)\n"
     )
+    compile_json = {}
+    if compiled is not None:
+        gain_views = sec["sslab, with views"] / sec["sslab compile=true, with views"]
+        gain_model = sec["sslab, model only"] / sec["sslab compile=true, model only"]
+        print(
+            f"compile=true against sslab eager: {gain_views:.2f}x with views, {gain_model:.2f}x model only; "
+            f"compile time {compile_s:.1f} s (the first two steps minus two steady ones)\n"
+        )
+        compile_json = {
+            "speedup_compile_with_views": round(gain_views, 3),
+            "speedup_compile_model_only": round(gain_model, 3),
+            "compile_s": round(compile_s, 1),
+        }
     profile_model_only(variants, args.profile)
     import lightly
 
@@ -329,6 +376,7 @@ def main() -> None:
             "speedup_with_views": round(speedup_views, 3),
             "speedup_model_only": round(speedup_model, 3),
             "speedup_model_only_vs_batched": round(speedup_batched, 3),
+            **compile_json,
             "lightly": lightly.__version__,
             **environment(args),
         }
