@@ -17,7 +17,7 @@ from sslab.callbacks.attention_maps import (
     tile_size,
 )
 from sslab.runs.training import train
-from tests.wandb_file import history
+from tests.wandb_file import finished, history
 
 
 def test_recomputed_attention_reproduces_the_block_output():
@@ -125,7 +125,7 @@ def test_ibot_run_logs_attention_maps_to_wandb_and_disk(tiny_cfg, tmp_path):
     width, height = Image.open(pngs[0]).size
     # image, head mean, 60% threshold, 3 heads of vit_t; 3 images; 112 px tiles
     assert (width, height) == (6 * 114 + 2, 3 * 114 + 2)
-    run_file = next((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    run_file = finished(next((tmp_path / "wandb").glob("offline-run-*/run-*.wandb")))
     rows = [r for r in history(run_file) if "attention_maps/_type" in r]
     assert len(rows) == 1 and rows[0]["attention_maps/count"] == 1
     assert (rows[0]["attention_maps/width"], rows[0]["attention_maps/height"]) == (width, height)

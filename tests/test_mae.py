@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import math
-import time
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from sslab.errors import SSLabError
 from sslab.modules.masking import random_masking
 from sslab.modules.patches import masked_mse, normalized_patches, patchify, unpatchify
 from tests.conftest import CONF, TINY
-from tests.wandb_file import history, records
+from tests.wandb_file import finished, history
 
 # TINY minus its DINO head sizes, which masked-image-modelling configs do not have
 MIM_TINY = [o for o in TINY if not o.startswith("method.")]
@@ -215,11 +214,7 @@ def test_mae_trains_end_to_end_with_falling_loss_and_pictures(tmp_path, monkeypa
     with Image.open(png) as im:  # 8 rows x 3 columns of 28 px images enlarged 4x, 2 px padding
         assert im.size == (3 * (112 + 2) + 2, 8 * (112 + 2) + 2)
     # the same picture reached W&B (offline run file read back): one image under images/reconstruction
-    run_file = next(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
-    deadline = time.monotonic() + 60
-    while not any(r.WhichOneof("record_type") == "exit" for r in records(run_file)):
-        assert time.monotonic() < deadline, "the W&B run file never got its exit record"
-        time.sleep(0.5)
+    run_file = finished(next(tmp_path.glob("wandb/offline-run-*/run-*.wandb")))
     logged = [r for r in history(run_file) if "images/reconstruction/_type" in r]
     assert len(logged) == 1 and logged[0]["trainer/global_step"] == 40
     assert logged[0]["images/reconstruction/captions"] == ["columns: masked | reconstruction | original"]

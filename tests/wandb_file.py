@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,8 +27,8 @@ def records(path: Path) -> Iterator[wandb_internal_pb2.Record]:
             pos += left_in_block
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
-        if length == 0 and kind == 0:
-            break
+        if (length == 0 and kind == 0) or pos + HEADER + length > len(data):
+            break  # the end, or a chunk the writer has not finished yet
         chunk = data[pos + HEADER : pos + HEADER + length]
         pos += HEADER + length
         pending = chunk if kind in (FULL, FIRST) else pending + chunk
@@ -35,6 +36,17 @@ def records(path: Path) -> Iterator[wandb_internal_pb2.Record]:
             record = wandb_internal_pb2.Record()
             record.ParseFromString(pending)
             yield record
+
+
+def finished(path: Path, timeout_s: float = 60.0) -> Path:
+    """``path`` once its exit record is on disk. wandb's core service writes the run file on its own, and
+    may still be writing after ``finish()`` has returned in this process (a finished run's file is complete
+    once the process exits), so a test that trains in-process waits for it, bounded."""
+    deadline = time.monotonic() + timeout_s
+    while not any(r.WhichOneof("record_type") == "exit" for r in records(path)):
+        assert time.monotonic() < deadline, f"the W&B run file {path} never got its exit record"
+        time.sleep(0.5)
+    return path
 
 
 def history(path: Path) -> list[dict]:
