@@ -299,9 +299,9 @@ def main() -> None:
             f"view shapes differ: ours {[tuple(v.shape) for v in fixed_views]}, lightly {lightly_shapes}"
         )
 
-    compiled, compile_s = (
-        (compiled_side(cfg, dm, device, images, fixed_views, args.seed)) if args.compile else (None, 0.0)
-    )
+    compiled, compile_s = None, 0.0
+    if args.compile:
+        compiled, compile_s = compiled_side(cfg, dm, device, images, fixed_views, args.seed)
     variants = {
         "sslab, with views": lambda: ours.step(images),
         "lightly, with views": lambda: theirs.step(images),
