@@ -115,6 +115,20 @@ def time_interleaved(
     return times
 
 
+def compile_seconds(step: Callable[[], object], device: torch.device) -> float:
+    """Seconds the first calls of a freshly compiled ``step`` spend compiling: two calls (the forward and
+    backward graphs, and a possible recompile, e.g. for a no-grad teacher) minus two steady calls after them."""
+    pairs = []
+    for _ in range(2):
+        sync(device)
+        start = time.perf_counter()
+        step()
+        step()
+        sync(device)
+        pairs.append(time.perf_counter() - start)
+    return max(0.0, pairs[0] - pairs[1])
+
+
 def median(xs: Sequence[float]) -> float:
     return statistics.median(xs)
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 import warnings
 
 import numpy as np
@@ -47,6 +46,7 @@ from _common import (
     CONF_DIR,
     add_common_args,
     add_profile_arg,
+    compile_seconds,
     environment,
     median,
     print_json,
@@ -54,7 +54,6 @@ from _common import (
     profile_model_only,
     setup,
     spread,
-    sync,
     time_interleaved,
     torch_threads,
 )
@@ -244,20 +243,11 @@ def compiled_side(
     cfg, dm, device: torch.device, images: torch.Tensor, views: list[torch.Tensor], seed: int
 ) -> tuple[SSLabSide, float]:
     """sslab's side again, with the blocks compiled as ``compile=true`` does, and the seconds its compilation
-    took: the first two steps (forward and backward graphs; a possible recompile for the no-grad teacher)
-    minus two steady ones."""
+    took."""
     torch.manual_seed(seed)
     side = SSLabSide(cfg, dm, device)
     compile_model(side.model, "gpu" if device.type == "cuda" else "cpu")
-    seconds = []
-    for _ in range(2):  # the compiling pair, then a steady pair
-        sync(device)
-        start = time.perf_counter()
-        side.step(images, views)
-        side.step(images, views)
-        sync(device)
-        seconds.append(time.perf_counter() - start)
-    return side, max(0.0, seconds[0] - seconds[1])
+    return side, compile_seconds(lambda: side.step(images, views), device)
 
 
 def main() -> None:

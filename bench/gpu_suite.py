@@ -55,11 +55,11 @@ import torch.nn.functional as F
 from _common import (
     ROOT,
     START,
+    compile_seconds,
     median,
     num_cores,
     print_json,
     setup,
-    sync,
     time_interleaved,
     torch_threads,
 )
@@ -530,15 +530,9 @@ def compile_row(ctx: Context) -> Row:
         return run
 
     fns = {name: step(name) for name in sides}
-    sync(device)
-    start = time.perf_counter()
-    fns["compiled"]()  # the first call compiles (forward and backward graphs, both crop sizes)
-    fns["compiled"]()  # the second one may recompile once for the teacher/no-grad or dynamic shapes
-    sync(device)
-    first_two = time.perf_counter() - start
+    compile_s = compile_seconds(fns["compiled"], device)  # forward and backward graphs, both crop sizes
     times = time_interleaved(fns, s.warmup, s.reps, device)
     t = {k: median(v) for k, v in times.items()}
-    compile_s = max(0.0, first_two - 2 * t["compiled"])
     ips = {k: s.dino_batch / v for k, v in t.items()}
     return Row(
         f"as the DINO row; compile_model ({len(names)} blocks, backend {backend}), {ctx.args.precision}",
